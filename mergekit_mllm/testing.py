@@ -1,5 +1,7 @@
 """Tiny seeded random checkpoints built offline (no Hub access).
 
+Used by the tests, the benchmarks and ``mergekit-mllm demo``.
+
 Every builder writes a real ``save_pretrained`` directory in well under a
 second; experts are the base plus small seeded perturbations, like fine-tunes.
 """
