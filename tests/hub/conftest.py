@@ -1,0 +1,214 @@
+"""Fixtures of the hub tests: a local Hub-API server, merge outputs, results files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Dict, Optional
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from hub_test_server import HubServer  # noqa: E402
+
+# Distinctive fake tokens, so that "the token never leaks" can be grepped for.
+TOKEN = "hf_TestOnlyTokenAlice7f3c9e21b4d8a6"
+OTHER_TOKEN = "hf_TestOnlyTokenMallory5e8d2c1f0a9b"
+USER = "alice"
+
+# Paper-style names (PAPER.md §2.1): the report names Hub models, so the card
+# can list them in base_model.
+BASE_ID = "Qwen/Qwen2-VL-7B"
+EXPERT_IDS = ["yongxianwei/Qwen2-VL-7B-OCR", "yongxianwei/Qwen2-VL-7B-Chart"]
+
+
+@pytest.fixture
+def hub():
+    """A fresh test hub per test; alice may also write to the Qwen org."""
+    server = HubServer({TOKEN: (USER, ["Qwen"]), OTHER_TOKEN: ("mallory", [])},
+                       multipart_threshold=12 * 1024, chunk_size=5 * 1024).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub_env(hub, monkeypatch, tmp_path):
+    """Point huggingface_hub (this process and subprocesses) at the test hub.
+
+    Xet is disabled because the test hub speaks LFS only; the saved-login
+    file is redirected so a developer's own token can never be picked up.
+    """
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_PROGRESS_BARS", True)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    return hub
+
+
+@pytest.fixture
+def use_hub_endpoint(hub_env, monkeypatch):
+    """Also route the module-level default endpoint (used by from_pretrained) to the test hub."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub_env.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub_env.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    return hub_env
+
+
+def tiny_qwen2_vl(directory: Path, *, seed: int = 0, max_shard_size: str = "20KB") -> Path:
+    """A tiny Qwen2-VL checkpoint written in many shards (some above the multipart threshold)."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=0, eos_token_id=2,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, in_channels=3, temporal_patch_size=2),
+        vocab_size=128, hidden_size=32, image_token_id=120, video_token_id=121,
+        vision_start_token_id=122, vision_end_token_id=123,
+    )
+    torch.manual_seed(seed)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(directory, max_shard_size=max_shard_size)
+    return directory
+
+
+RECIPE_TEXT = f"""\
+merge_method: optmerge
+base_model: {BASE_ID}
+models:
+  - model: {EXPERT_IDS[0]}
+  - model: {EXPERT_IDS[1]}
+parameters:
+  lambda: 1.0
+dtype: float32
+"""
+
+REPORT = {
+    "merge_method": "optmerge",
+    "method_pretty_name": "OptMerge",
+    "method_url": "https://arxiv.org/abs/2505.19892",
+    "base_model": BASE_ID,
+    "models": EXPERT_IDS,
+    "parameters": {"lambda": 1.0, "rank_ratio": 0.2},
+    "policies": {"vision_tower": "base", "projector": "base", "language_model": "merge",
+                 "embeddings": "base", "norms": "base", "biases": "base"},
+    "preset": "optmerge_paper",
+    "model_type": "qwen2_vl",
+    "architectures": ["Qwen2VLForConditionalGeneration"],
+    "versions": {"mergekit_mllm": "0.1.0", "mergekit": "0.1.5", "transformers": "5.23.0", "torch": "2.13.0"},
+}
+
+
+@pytest.fixture(scope="session")
+def vlm_output(tmp_path_factory) -> Path:
+    """A merge output folder as the multimodal layer writes it (report + recipe + mergekit card)."""
+    out = tiny_qwen2_vl(tmp_path_factory.mktemp("merged") / "qwen2-vl-optmerge")
+    (out / "mergekit_config.yml").write_text(RECIPE_TEXT)
+    (out / "mergekit_mllm_report.json").write_text(json.dumps(REPORT, indent=2))
+    (out / "README.md").write_text("---\nbase_model: []\ntags:\n- mergekit\n- merge\n---\n# mergekit's card\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def mergekit_output(qwen2_family, tmp_path_factory) -> Path:
+    """A real, sharded output of stock mergekit (no report: plain mergekit_config.yml)."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    from mergekit_mllm.testing import recipe_for
+
+    recipe = recipe_for("task_arithmetic", qwen2_family["base"], qwen2_family["experts"], parameters={"weight": 0.5})
+    out = tmp_path_factory.mktemp("mergekit") / "qwen2-ta"
+    run_merge(MergeConfiguration.model_validate(recipe), str(out), MergeOptions(out_shard_size=8000, quiet=True),
+              config_source=yaml.safe_dump(recipe, sort_keys=False))
+    return out
+
+
+TASKS = {
+    "synth_chart": ("relaxed_accuracy", "chart"),
+    "synth_ocr": ("exact_match", "ocr"),
+    "synth_vqa": ("vqa_accuracy", "vqa"),
+}
+
+
+def results_payload(model_path: Optional[str], name: str, scores: Dict[str, float], *, prompt_version="synth-v1") -> dict:
+    return {
+        "suite": "eval_suite",
+        "suite_version": "0.1.0",
+        "created": "2026-11-23T12:00:00Z",
+        "model": {"path": model_path, "name": name, "dtype": "float32", "attn_implementation": "eager",
+                  "device": "cpu", "adapter": "qwen2_vl"},
+        "tasks": {
+            task: {"score": score, "metric": TASKS[task][0], "num_items": 500, "parse_failures": 1,
+                   "dataset_id": f"eval_suite/{task}", "dataset_revision": "v1", "split": "test",
+                   "prompt_version": prompt_version, "task_type": "visual-question-answering",
+                   "capability": TASKS[task][1]}
+            for task, score in scores.items()
+        },
+    }
+
+
+def write_results(path: Path, model_path: Optional[str], name: str, scores: Dict[str, float], **kwargs) -> Path:
+    path.write_text(json.dumps(results_payload(model_path, name, scores, **kwargs), indent=1))
+    return path
+
+
+@pytest.fixture
+def vlm_results(vlm_output, tmp_path):
+    """Results of the merged model, its base and one expert (different files, same tasks)."""
+    merged = write_results(tmp_path / "merged.json", str(vlm_output), vlm_output.name,
+                           {"synth_chart": 71.2, "synth_ocr": 55.0, "synth_vqa": 62.5})
+    base = write_results(tmp_path / "base.json", BASE_ID, BASE_ID,
+                         {"synth_chart": 40.1, "synth_ocr": 30.0, "synth_vqa": 50.0})
+    expert = write_results(tmp_path / "ocr.json", EXPERT_IDS[0], EXPERT_IDS[0],
+                           {"synth_chart": 35.0, "synth_ocr": 64.7, "synth_vqa": 45.2})
+    return {"merged": merged, "base": base, "expert": expert}
+
+
+def folder_state(folder: Path) -> Dict[str, tuple]:
+    """Content hash, size, mtime and mode of every file: 'untouched' means equal states."""
+    state = {}
+    for path in sorted(folder.rglob("*")):
+        stat = path.stat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+        state[path.relative_to(folder).as_posix()] = (digest, stat.st_size, stat.st_mtime_ns, stat.st_mode)
+    return state
+
+
+def files_containing(root: Path, needle: str):
+    data = needle.encode()
+    return [p for p in root.rglob("*") if p.is_file() and data in p.read_bytes()]
+
+
+@pytest.fixture
+def fast_retry():
+    from mergekit_mllm.hub.push import RetryPolicy
+
+    return RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.01)
+
+
+def subprocess_env(hub_endpoint: str, home: Path, token: Optional[str] = TOKEN) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE"))}
+    env.update(HF_ENDPOINT=hub_endpoint, HF_HUB_DISABLE_XET="1", HF_HOME=str(home), HF_HUB_DISABLE_PROGRESS_BARS="1")
+    if token:
+        env["HF_TOKEN"] = token
+    return env
