@@ -31,10 +31,44 @@ def _register_methods(_module: ModuleType) -> None:
     register_all()
 
 
-# module name -> extensions applied after it loads. Other parts of the plugin
-# (architectures, planner guards, atomic output) add themselves here.
+def _register_policy_methods(_module: ModuleType) -> None:
+    from mergekit_mllm.policy import register_policy_methods
+
+    register_policy_methods()
+
+
+def _install_architectures(architecture_module: ModuleType) -> None:
+    from mergekit_mllm import architectures
+
+    architectures.install(sys.modules["mergekit.architecture.json_definitions"])
+    original = architecture_module.get_architecture_info
+    if getattr(original, "__wrapped__", None) is None:
+
+        def get_architecture_info(config, options):
+            return architectures.get_architecture_info(original, config, options)
+
+        get_architecture_info.__wrapped__ = original
+        architecture_module.get_architecture_info = get_architecture_info
+
+
+def _extend_planner(plan_module: ModuleType) -> None:
+    from mergekit_mllm.planner import install
+
+    install(plan_module)
+
+
+def _wrap_run_merge(merge_module: ModuleType) -> None:
+    from mergekit_mllm.output import install
+
+    install(merge_module)
+
+
+# module name -> extensions applied right after it has executed
 EXTENSIONS: Dict[str, List[Callable[[ModuleType], None]]] = {
-    "mergekit.merge_methods": [_register_methods],
+    "mergekit.architecture": [_install_architectures],
+    "mergekit.merge_methods": [_register_methods, _register_policy_methods],
+    "mergekit.plan": [_extend_planner],
+    "mergekit.merge": [_wrap_run_merge],
 }
 
 

@@ -76,7 +76,8 @@ def perturb_checkpoint(
     """
     import shutil
 
-    shutil.copytree(source, target, dirs_exist_ok=True)
+    if Path(source).resolve() != Path(target).resolve():
+        shutil.copytree(source, target, dirs_exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     for shard in sorted(target.glob("*.safetensors")):
         tensors = load_file(shard)

@@ -1,0 +1,228 @@
+"""What a merge leaves on disk: all or nothing, complete, and described.
+
+Wraps ``mergekit.merge.run_merge`` (so stock ``mergekit-yaml`` and
+``mergekit-multi`` get it):
+
+* the merge is written to a hidden staging directory next to ``OUT`` and
+  moved into place only when it succeeded — a failed merge never leaves a
+  half-written output (an existing ``OUT`` survives a failed re-run);
+* side files the output needs to load like the base — processor and
+  preprocessor configs, chat templates, generation config, tokenizer files
+  and, for ``trust_remote_code`` models, the ``*.py`` files — are copied
+  from the base; ``chat_template_donor`` picks another model's chat template
+  (a *base* model merged with *instruct* experts needs the experts');
+* ``mergekit_mllm_report.json`` records the method, parameters, component
+  policies actually applied, architecture and versions;
+* a recipe's top-level ``hub:`` section pushes the result to the Hub
+  afterwards (:mod:`mergekit_mllm.hub.auto`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from mergekit_mllm.planner import CURRENT_RECORD, MergeRecord, RecipeError
+
+LOG = logging.getLogger(__name__)
+
+REPORT_NAME = "mergekit_mllm_report.json"
+SIDE_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
+def local_path(model_reference, options) -> Path:
+    """Local directory of a mergekit ModelReference (as mergekit resolves it)."""
+    path = model_reference.merged(
+        cache_dir=options.lora_merge_cache,
+        trust_remote_code=options.trust_remote_code,
+        lora_merge_dtype=options.lora_merge_dtype,
+    ).local_path(cache_dir=options.transformers_cache)
+    if not path:
+        raise RecipeError(f"cannot find a local copy of {model_reference}")
+    return Path(path)
+
+
+def copy_side_files(donor: Path, out: Path) -> list:
+    """Copy what the output lacks from the donor; returns the copied names."""
+    copied = []
+    names = list(SIDE_FILES)
+    config = donor / "config.json"
+    if config.exists() and "auto_map" in json.loads(config.read_text()):
+        names += sorted(p.name for p in donor.glob("*.py"))
+    for name in names:
+        source, target = donor / name, out / name
+        if source.is_file() and not target.exists():
+            shutil.copyfile(source, target)
+            copied.append(name)
+    return copied
+
+
+def apply_chat_template(donor: Path, out: Path) -> Optional[str]:
+    """Give ``out`` the chat template of ``donor``; returns where it came from."""
+    found = None
+    for name in CHAT_TEMPLATE_FILES:
+        target = out / name
+        if target.exists():
+            target.unlink()
+        if (donor / name).is_file():
+            shutil.copyfile(donor / name, target)
+            found = found or name
+    donor_config, out_config = donor / "tokenizer_config.json", out / "tokenizer_config.json"
+    if out_config.exists():
+        data = json.loads(out_config.read_text())
+        template = json.loads(donor_config.read_text()).get("chat_template") if donor_config.exists() else None
+        if template is not None:
+            data["chat_template"] = template
+            found = found or "tokenizer_config.json"
+        else:
+            data.pop("chat_template", None)
+        out_config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    if found is None:
+        raise RecipeError(f"chat_template_donor {donor} has no chat template")
+    return found
+
+
+def _versions() -> Dict[str, Optional[str]]:
+    import importlib.metadata as md
+
+    versions = {}
+    for key, dist in (("mergekit_mllm", "mergekit-mllm"), ("mergekit", "mergekit"),
+                      ("transformers", "transformers"), ("torch", "torch")):
+        try:
+            versions[key] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[key] = None
+    return versions
+
+
+def build_report(merge_config, record: MergeRecord, out: Path, side_files: list, chat_template: Optional[str]) -> dict:
+    from mergekit import merge_methods
+
+    method = merge_methods.get(merge_config.merge_method)
+    config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+    base = merge_config.base_model
+    models = [str(m) for m in merge_config.referenced_models() if m != base]
+    decisions = [
+        {"component": c, "kind": None if k == "-" else k, "action": a, "tensors": n}
+        for (c, k, a), n in sorted(record.decisions.items())
+    ]
+    parameters = {}
+    for key, value in (merge_config.parameters or {}).items():
+        parameters[key] = value if isinstance(value, (bool, int, float, str)) else json.loads(json.dumps(value, default=str))
+    return {
+        "merge_method": merge_config.merge_method,
+        "method_pretty_name": method.spec.pretty_name,
+        "method_url": method.spec.reference_url,
+        "base_model": str(base) if base else None,
+        "models": models,
+        "parameters": parameters,
+        "policies": {k: record.policies.get(k, "merge") for k in ("vision_tower", "projector", "language_model",
+                                                                  "embeddings", "norms", "biases")},
+        "preset": record.preset,
+        "decisions": decisions,
+        "family": record.family,
+        "architecture_source": record.architecture_source,
+        "model_type": config.get("model_type"),
+        "architectures": config.get("architectures"),
+        "tensors": record.tensors_planned,
+        "missing_tensors_allowed": record.missing_allowed,
+        "side_files_copied": side_files,
+        "chat_template_from": chat_template,
+        "versions": _versions(),
+    }
+
+
+def _recipe_from(config_source: Optional[str]) -> Dict[str, Any]:
+    import yaml
+
+    if not config_source:
+        return {}
+    try:
+        recipe = yaml.safe_load(config_source)
+    except yaml.YAMLError:
+        return {}
+    return recipe if isinstance(recipe, dict) else {}
+
+
+def _validate_hub(recipe: Dict[str, Any]) -> None:
+    if "hub" not in recipe:
+        return
+    from mergekit_mllm.hub.auto import validate_hub_section
+
+    validate_hub_section(recipe)
+
+
+def publish(staging: Path, final: Path) -> None:
+    """Move a finished merge into place, replacing an older output atomically."""
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.mergekit-mllm-old-{os.getpid()}"
+        final.rename(old)
+    staging.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def wrap_run_merge(original):
+    def run_merge(merge_config, out_path, options, config_source=None):
+        recipe = _recipe_from(config_source)
+        _validate_hub(recipe)
+        final = Path(out_path).absolute()
+        if final.exists() and not final.is_dir():
+            raise RecipeError(f"output path {final} exists and is not a directory")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging_root = final.parent / f".{final.name}.mergekit-mllm-partial-{os.getpid()}"
+        staging = staging_root / final.name  # same basename: mergekit names the card after it
+        record = MergeRecord()
+        token = CURRENT_RECORD.set(record)
+        try:
+            original(merge_config, str(staging), options, config_source)
+            donor = local_path(merge_config.base_model or merge_config.referenced_models()[0], options)
+            side_files = copy_side_files(donor, staging)
+            template_donor = (merge_config.parameters or {}).get("chat_template_donor")
+            chat_template = None
+            if template_donor:
+                from mergekit.common import ModelReference
+
+                chat_template = apply_chat_template(
+                    local_path(ModelReference.model_validate(template_donor), options), staging
+                )
+            report = build_report(merge_config, record, staging, side_files, chat_template)
+            (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+            publish(staging, final)
+        finally:
+            CURRENT_RECORD.reset(token)
+            shutil.rmtree(staging_root, ignore_errors=True)
+        LOG.info("mergekit-mllm: merge written to %s", final)
+        if "hub" in recipe:
+            from mergekit_mllm.hub.auto import push_after_merge
+
+            push_after_merge(final, recipe)
+
+    run_merge.__wrapped__ = original
+    return run_merge
+
+
+def install(merge_module) -> None:
+    if getattr(merge_module.run_merge, "__wrapped__", None) is not None:
+        return
+    merge_module.run_merge = wrap_run_merge(merge_module.run_merge)
