@@ -295,3 +295,48 @@ def test_chat_template_donor_gives_base_merges_the_instruct_template(tmp_path):
     assert prompt == "<|im_start|>w5 w6<|im_end|>"
     report = json.loads((donor / "mergekit_mllm_report.json").read_text())
     assert report["chat_template_from"] is not None
+
+
+# ------------------------------------------------------------ stock CLIs, installed wheel
+
+
+@pytest.mark.e2e
+def test_stock_mergekit_multi_merges_every_family_from_the_installed_wheel(fresh_env, families, tmp_path):
+    documents = []
+    for family, layout in CASES:
+        fam = families(family, layout)
+        recipe = recipe_for("optmerge", fam["base"], fam["experts"], {"iterations": 3, "preset": "optmerge_paper"})
+        documents.append({"name": f"merged-{family}-{layout}", **recipe})
+    recipe_path = tmp_path / "all.yml"
+    recipe_path.write_text(yaml.safe_dump_all(documents, sort_keys=False))
+    result = fresh_env.run([fresh_env.script("mergekit-multi"), str(recipe_path), "--intermediate-dir",
+                            str(tmp_path / "merges"), "--trust-remote-code"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    for family, layout in CASES:
+        out = tmp_path / "merges" / f"merged-{family}-{layout}"
+        assert set(state_dict(out)) == set(state_dict(families(family, layout)["base"])), (family, layout)
+        assert (out / "mergekit_mllm_report.json").exists()
+
+
+@pytest.mark.e2e
+def test_stock_mergekit_yaml_on_qwen2_vl_with_the_paper_preset(fresh_env, families, tmp_path):
+    fam = families("qwen2_vl")
+    recipe = write_recipe(tmp_path / "recipe.yml", recipe_for("optmerge", fam["base"], fam["experts"],
+                                                               {"preset": "optmerge_paper", "iterations": 5}))
+    result = fresh_env.run([fresh_env.script("mergekit-yaml"), str(recipe), str(tmp_path / "out")])
+    assert result.returncode == 0, result.stderr[-4000:]
+    merged, base = state_dict(tmp_path / "out"), state_dict(fam["base"])
+    assert set(merged) == set(base)
+    assert torch.equal(merged["visual.blocks.0.attn.qkv.weight"], base["visual.blocks.0.attn.qkv.weight"])
+    assert not torch.equal(merged["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+
+
+@pytest.mark.e2e
+def test_bad_recipe_fails_with_a_clear_message_in_stock_mergekit_yaml(fresh_env, families, tmp_path):
+    fam = families("qwen2_vl")
+    recipe = write_recipe(tmp_path / "recipe.yml", recipe_for("optmerge", fam["base"], fam["experts"],
+                                                               {"varient": "full"}))
+    result = fresh_env.run([fresh_env.script("mergekit-yaml"), str(recipe), str(tmp_path / "out")])
+    assert result.returncode != 0
+    assert "unknown parameter 'varient'" in result.stderr
+    assert not (tmp_path / "out").exists()
