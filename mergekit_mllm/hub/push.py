@@ -245,7 +245,8 @@ def resolve_token(token_env: str = DEFAULT_TOKEN_ENV) -> str:
 def _refuse_token_in_upload(plan: PushPlan, token: str) -> None:
     """Never publish a token someone pasted into a recipe, config or card."""
     needle = token.encode()
-    for item in plan.items:
+    # the output's own files first: the card only quotes them (the recipe)
+    for item in sorted(plan.items, key=lambda item: isinstance(item.source, bytes)):
         if isinstance(item.source, bytes):
             data = item.source
         elif item.path_in_repo.endswith(WEIGHT_SUFFIXES) or item.size > _SCAN_LIMIT:
@@ -255,7 +256,7 @@ def _refuse_token_in_upload(plan: PushPlan, token: str) -> None:
         if needle in data:
             raise UploadError(
                 f"{item.path_in_repo} contains your Hugging Face token: refusing to upload it. "
-                f"Remove the token from {item.source if isinstance(item.source, Path) else 'the recipe'} "
+                f"Remove the token from {item.source if isinstance(item.source, Path) else 'the recipe or results'} "
                 "and revoke it if it was shared."
             )
 
