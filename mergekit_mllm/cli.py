@@ -19,6 +19,7 @@ LAZY_SUBCOMMANDS: Dict[str, str] = {
     "doctor": "mergekit_mllm.cli:doctor_command",
     "push": "mergekit_mllm.hub.cli:push_command",
     "sweep": "mergekit_mllm.sweep:sweep_command",
+    "main": "mergekit_mllm.main_job:main_command",
 }
 
 

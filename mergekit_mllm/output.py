@@ -49,16 +49,26 @@ SIDE_FILES = (
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 
-def local_path(model_reference, options) -> Path:
-    """Local directory of a mergekit ModelReference (as mergekit resolves it)."""
-    path = model_reference.merged(
-        cache_dir=options.lora_merge_cache,
-        trust_remote_code=options.trust_remote_code,
-        lora_merge_dtype=options.lora_merge_dtype,
-    ).local_path(cache_dir=options.transformers_cache)
-    if not path:
-        raise RecipeError(f"cannot find a local copy of {model_reference}")
-    return Path(path)
+def side_file_source(model_reference, options, patterns) -> Path:
+    """A local directory holding ``model_reference``'s small side files.
+
+    A local model is used as it is. For a Hub id only the matching files are
+    fetched: mergekit's own download keeps ``*.json``/weights only, which
+    misses ``*.jinja`` templates, ``merges.txt`` and remote-code ``*.py``.
+    """
+    path = Path(model_reference.model.path)
+    if path.is_dir():
+        return path
+    import huggingface_hub
+
+    return Path(
+        huggingface_hub.snapshot_download(
+            model_reference.model.path,
+            revision=model_reference.model.revision,
+            cache_dir=options.transformers_cache,
+            allow_patterns=list(patterns),
+        )
+    )
 
 
 def copy_side_files(donor: Path, out: Path) -> list:
@@ -196,16 +206,17 @@ def wrap_run_merge(original):
         token = CURRENT_RECORD.set(record)
         try:
             original(merge_config, str(staging), options, config_source)
-            donor = local_path(merge_config.base_model or merge_config.referenced_models()[0], options)
+            donor = side_file_source(merge_config.base_model or merge_config.referenced_models()[0], options,
+                                     SIDE_FILES + ("config.json", "*.py"))
             side_files = copy_side_files(donor, staging)
             template_donor = (merge_config.parameters or {}).get("chat_template_donor")
             chat_template = None
             if template_donor:
                 from mergekit.common import ModelReference
 
-                chat_template = apply_chat_template(
-                    local_path(ModelReference.model_validate(template_donor), options), staging
-                )
+                template_source = side_file_source(ModelReference.model_validate(template_donor), options,
+                                                   CHAT_TEMPLATE_FILES + ("tokenizer_config.json",))
+                chat_template = apply_chat_template(template_source, staging)
             report = build_report(merge_config, record, staging, side_files, chat_template)
             (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
             publish(staging, final)
