@@ -37,7 +37,7 @@ def assert_close(actual, expected, rtol=1e-9, atol=1e-11):
 def test_every_method_is_registered_with_mergekit():
     registered = {m.spec.name for m in merge_methods.registered_methods()}
     assert set(ALL) <= registered
-    assert ALL == [
+    assert ALL[:9] == [  # the paper's methods (Task Arithmetic is mergekit's own)
         "weight_average", "ties_merging", "dare_task_arithmetic", "dare_ties_merging",
         "tsv", "iso_c", "iso_cts", "wudi", "optmerge",
     ]
