@@ -196,6 +196,115 @@ DECLARATIONS: Tuple[MethodDeclaration, ...] = (
 
 
 # --------------------------------------------------------------------------
+# Closed forms of the interference objective (issue 8): the exact minimiser
+# of WUDI/OptMerge and the authors' later SWUDI/ASWUDI spectral filters. The
+# math is in mergekit_mllm.ops.closed_form; each answer is a filter F(ℓ) on
+# the eigenvalues of C applied from the initial point τ₀.
+
+SPECTRAL_FOLLOW_UP = (
+    "https://github.com/WalkerWorldPeace/MLLMerging",
+    "OptMerge authors' follow-up, Closed-Form Spectral Regularization for Multi-Task Model Merging (MLLMerging code)",
+)
+INIT_MODE_SUM = _param(
+    "init_mode", str, "sum",
+    "initial point τ₀: sum (Σ τᵢ), mean or zero; the filter moves it toward the minimiser and it stays "
+    "where C is blind (with sum, λ ≈ 1/N keeps the scale of one expert)",
+    check=("'sum', 'mean' or 'zero'", lambda x: x in ops.closed_form.INIT_MODES),
+)
+INIT_MODE_OF_VARIANT = _param(
+    "init_mode", Optional[str], None,
+    "τ₀ kept in the null space of C: sum, mean or zero (default: the variant's own, mean for lora, sum for full)",
+    check=("'sum', 'mean' or 'zero'", lambda x: x in ops.closed_form.INIT_MODES),
+)
+RCOND = _param(
+    "rcond", Optional[float], None,
+    "eigenvalues of C ≤ max(1e-8, rcond·ℓ_max) count as zero (default n·float32 ε, numpy's matrix_rank rule)",
+    check=("in [0, 1)", lambda x: 0.0 <= x < 1.0),
+)
+RIDGE = _param(
+    "ridge", float, 0.0,
+    "ρ ≥ 0: minimise L(τ) + ρ‖τ − τ₀‖² instead (filter ℓ/(ℓ+ρ); ℓ is scale-free, tr C ≤ N); 0 is the exact minimiser",
+    check=("a non-negative number", lambda x: x >= 0 and _finite(x)),
+)
+EXP_TIME = _param(
+    "exp_time", float, 300.0, "t of the filter F = 1 − exp(−t·ℓ) (gradient-flow time)",
+    check=("a positive number", lambda x: x > 0 and _finite(x)),
+)
+ASWUDI_RIDGE = _param(
+    "ridge", float, 0.0,
+    "ρ ≥ 0: minimise L(τ) + ρ‖τ − τ₀‖² instead (filter ℓ/(ℓ+ρ); ℓ is scale-free, tr C ≤ N); 0 is the exact minimiser",
+    check=("a non-negative number", lambda x: x >= 0 and _finite(x)),
+)
+ASWUDI_EXP_TIME = _param(
+    "exp_time", float, 1e6, "t of the filter F = 1 − exp(−t·ℓ) when filter_type is exponential",
+    check=("a positive number", lambda x: x > 0 and _finite(x)),
+)
+TRUNCATE_RANK_RATIO = _param(
+    "truncate_rank_ratio", Optional[float], 0.65,
+    "keep the filter on the top ⌈n·ratio⌉ eigenvalues of C only (null: all); 0.65 is the released "
+    "default (CLIP), the authors suggest 0.85 for LLM/VLM deltas",
+    check=("in (0, 1]", lambda x: 0.0 < x <= 1.0),
+)
+SWUDI_FILTER = _param(
+    "filter_type", str, "exponential",
+    "exponential: F = 1 − exp(−t·ℓ); none: F = 1 (hard rank truncation)",
+    check=("'exponential' or 'none'", lambda x: x in ops.closed_form.FILTER_TYPES),
+)
+ASWUDI_FILTER = _param(
+    "filter_type", str, "none",
+    "none: F = 1 on the top K (hard truncation); exponential: F = 1 − exp(−t·ℓ) on the top K",
+    check=("'exponential' or 'none'", lambda x: x in ops.closed_form.FILTER_TYPES),
+)
+
+
+def _known_rank_rule(value: str) -> bool:
+    return value in ops.closed_form.RANK_RULES[:-1] or (
+        value.startswith("cumvar_") and value[7:].replace(".", "", 1).isdigit() and 0 < float(value[7:]) <= 1
+    )
+
+
+AUTO_RANK_METHOD = _param(
+    "auto_rank_method", str, "participation_sqrt",
+    "rule choosing K per weight from the eigenvalues ℓ of C: participation_sqrt ⌈(Σ√ℓ)²/Σℓ⌉, "
+    "participation, stable_rank, entropy, gavish_donoho (the released approximation), cumvar_<fraction>",
+    check=(f"one of {ops.closed_form.RANK_RULES}", _known_rank_rule),
+)
+MIN_RANK = _param("min_rank", int, 1, "smallest K", check=("a positive integer", lambda x: x >= 1))
+MAX_RANK_RATIO = _param(
+    "max_rank_ratio", float, 1.0, "largest K as a fraction of n",
+    check=("in (0, 1]", lambda x: 0.0 < x <= 1.0),
+)
+
+
+def _optmerge_exact(task_vectors, *, variant, rank_fraction, init_mode, rcond, ridge):
+    return ops.optmerge_exact(
+        task_vectors, variant=variant, rank_fraction=rank_fraction, init_mode=init_mode, rcond=rcond, ridge=ridge
+    )
+
+
+DECLARATIONS = DECLARATIONS + (
+    MethodDeclaration(
+        "wudi_exact", "WUDI (exact minimiser)", "https://arxiv.org/abs/2503.08099",
+        "Cheng et al., Whoever Started the Interference Should End It (ICML 2025); closed form as in issue 8",
+        ops.wudi_exact, (INIT_MODE_SUM, RCOND, RIDGE), matrix_only=True,
+    ),
+    MethodDeclaration(
+        "optmerge_exact", "OptMerge (exact minimiser)", "https://arxiv.org/abs/2505.19892", PAPER,
+        _optmerge_exact, (VARIANT, RANK_FRACTION, INIT_MODE_OF_VARIANT, RCOND, RIDGE), matrix_only=True,
+    ),
+    MethodDeclaration(
+        "swudi", "SWUDI", *SPECTRAL_FOLLOW_UP, ops.swudi,
+        (EXP_TIME, TRUNCATE_RANK_RATIO, SWUDI_FILTER, INIT_MODE_SUM), matrix_only=True,
+    ),
+    MethodDeclaration(
+        "aswudi", "ASWUDI", *SPECTRAL_FOLLOW_UP, ops.aswudi,
+        (AUTO_RANK_METHOD, MIN_RANK, MAX_RANK_RATIO, ASWUDI_FILTER, ASWUDI_EXP_TIME, INIT_MODE_SUM),
+        matrix_only=True,
+    ),
+)
+
+
+# --------------------------------------------------------------------------
 # The adapter between mergekit's tensor groups and the pure kernels.
 
 

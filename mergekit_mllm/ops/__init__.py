@@ -6,9 +6,18 @@ dtype) and returns the merged task vector ``τ_m`` of shape ``weight_shape``;
 the caller forms ``base + λ·τ_m``. Methods are composed from named steps:
 trim / elect / disjoint-merge (TIES), drop-and-rescale (DARE), low-rank
 truncation and polar orthogonalisation (TSV, Iso), and the interference
-objective optimised by WUDI and OptMerge.
+objective optimised by WUDI and OptMerge, and its closed-form solutions
+(exact minimiser, SWUDI, ASWUDI).
 """
 
+from mergekit_mllm.ops.closed_form import (
+    adaptive_rank,
+    aswudi,
+    interference_minimiser,
+    optmerge_exact,
+    swudi,
+    wudi_exact,
+)
 from mergekit_mllm.ops.elementwise import (
     dare_drop,
     dare_task_arithmetic,
@@ -21,6 +30,9 @@ from mergekit_mllm.ops.elementwise import (
 )
 from mergekit_mllm.ops.interference import (
     InterferenceProblem,
+    InterferenceSpectrum,
+    interference_spectrum,
+    momentum_coefficients,
     optmerge,
     optmerge_problem,
     reference_interference_descent,
@@ -38,6 +50,15 @@ from mergekit_mllm.ops.spectral import (
 
 __all__ = [
     "InterferenceProblem",
+    "InterferenceSpectrum",
+    "adaptive_rank",
+    "aswudi",
+    "interference_minimiser",
+    "interference_spectrum",
+    "momentum_coefficients",
+    "optmerge_exact",
+    "swudi",
+    "wudi_exact",
     "dare_drop",
     "dare_task_arithmetic",
     "dare_ties_merging",
