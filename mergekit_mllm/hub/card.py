@@ -192,15 +192,24 @@ def _models_section(output: MergedOutput) -> List[str]:
 
 def _policies_section(output: MergedOutput) -> List[str]:
     lines = ["## Components", ""]
-    if not output.policies:
+    if not output.policies and not output.decisions:
         lines.append(
             "Not recorded: this output has no `mergekit_mllm_report.json` (a plain mergekit merge), "
             "so every tensor went through the merge method."
         )
         return lines
-    lines.append("What happened to each component of the model (as applied by the merge):")
-    lines.append("")
-    return lines + _table(["Component", "Policy"], [[f"`{k}`", f"`{v}`"] for k, v in output.policies.items()])
+    if output.decisions:
+        lines += ["What the merge did to each part of the model (tensor counts from the merge report):", ""]
+        lines += _table(
+            ["Component", "Kind", "Action", "Tensors"],
+            [[f"`{d.get('component')}`", d.get("kind") or "weights", f"`{d.get('action')}`", d.get("tensors", "—")]
+             for d in output.decisions],
+        )
+        lines.append("")
+    if output.policies:
+        lines += ["Component policies of the recipe" + (f" (preset `{output.preset}`)" if output.preset else "") + ":", ""]
+        lines += _table(["Component", "Policy"], [[f"`{k}`", f"`{v}`"] for k, v in output.policies.items()])
+    return lines
 
 
 def _score_table(evalset: EvalSet, base_label: str) -> List[str]:

@@ -86,6 +86,7 @@ class MergedOutput:
     experts: Tuple[ModelRef, ...]
     parameters: Dict[str, Any]
     policies: Optional[Dict[str, str]]
+    decisions: Tuple[Dict[str, Any], ...]  # per component: what the planner actually did, tensor counts
     preset: Optional[str]
     versions: Dict[str, str]
     recipe_text: Optional[str]
@@ -155,6 +156,26 @@ def _recipe_models(recipe: Dict[str, Any]) -> List[str]:
     return references
 
 
+def _parse_recipe(out: Path, recipe_text: Optional[str]) -> Optional[Dict[str, Any]]:
+    if recipe_text is None:
+        return None
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(recipe_text) or {}
+    except yaml.YAMLError as exc:
+        raise OutputFolderError(f"{out / RECIPE_NAME} is not valid YAML: {exc}") from exc
+    if not isinstance(recipe, dict):
+        raise OutputFolderError(f"{out / RECIPE_NAME} is not a mergekit recipe")
+    return recipe
+
+
+def _in_recipe_order(references: List[str], recipe: Optional[Dict[str, Any]]) -> List[str]:
+    """The report's models in the order the recipe lists them (the order users think in)."""
+    order = {reference: i for i, reference in enumerate(_recipe_models(recipe or {}))}
+    return sorted(references, key=lambda r: order.get(r.split("+", 1)[0], len(order)))
+
+
 def read_output(out: Path) -> MergedOutput:
     out = Path(out).expanduser()
     if not out.exists():
@@ -169,7 +190,9 @@ def read_output(out: Path) -> MergedOutput:
     config = _load_json(out / "config.json")
 
     recipe_text = (out / RECIPE_NAME).read_text(encoding="utf-8") if (out / RECIPE_NAME).is_file() else None
+    recipe = _parse_recipe(out, recipe_text)
     report_path = out / REPORT_NAME
+    decisions: Tuple[Dict[str, Any], ...] = ()
     if report_path.is_file():
         report = _load_json(report_path)
         merge_method = str(report.get("merge_method") or "unknown")
@@ -177,16 +200,12 @@ def read_output(out: Path) -> MergedOutput:
         if not pretty:
             pretty, url = _method_info(merge_method)
         base_reference = report.get("base_model")
-        expert_references = [str(m) for m in report.get("models") or []]
+        expert_references = _in_recipe_order([str(m) for m in report.get("models") or []], recipe)
         parameters = dict(report.get("parameters") or {})
         policies, preset = report.get("policies"), report.get("preset")
-        versions = {k: str(v) for k, v in (report.get("versions") or {}).items()}
-    elif recipe_text is not None:
-        import yaml
-
-        recipe = yaml.safe_load(recipe_text) or {}
-        if not isinstance(recipe, dict):
-            raise OutputFolderError(f"{out / RECIPE_NAME} is not a mergekit recipe")
+        decisions = tuple(d for d in report.get("decisions") or [] if isinstance(d, dict))
+        versions = {k: str(v) for k, v in (report.get("versions") or {}).items() if v is not None}
+    elif recipe is not None:
         merge_method = str(recipe.get("merge_method") or "unknown")
         pretty, url = _method_info(merge_method)
         base_reference = recipe.get("base_model")
@@ -210,6 +229,7 @@ def read_output(out: Path) -> MergedOutput:
         experts=tuple(model_ref(r) for r in expert_references),
         parameters=parameters,
         policies=dict(policies) if policies else None,
+        decisions=decisions,
         preset=preset,
         versions=versions,
         recipe_text=recipe_text,

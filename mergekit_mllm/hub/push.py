@@ -374,12 +374,12 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: " + " ".join(lines[:4])
 
 
-def _hub_license(api, base_id: str) -> Optional[LicenseInfo]:
-    """The base's license from its card on the Hub (best effort, one try)."""
+def _hub_license(api, repo_id: str, revision: Optional[str] = None) -> Optional[LicenseInfo]:
+    """The license declared by a card on the Hub (best effort, one try)."""
     try:
         with tempfile.TemporaryDirectory() as cache:
-            card_path = api.hf_hub_download(repo_id=base_id, filename=CARD_NAME, cache_dir=cache)
-            return license_from_card(Path(card_path), f"{base_id}'s card on the Hub")
+            card_path = api.hf_hub_download(repo_id=repo_id, filename=CARD_NAME, revision=revision, cache_dir=cache)
+            return license_from_card(Path(card_path), f"{repo_id}'s card on the Hub")
     except Exception:  # missing, gated or unreachable: the card just has no license
         return None
 
@@ -448,8 +448,11 @@ def upload_plan(
         steps.run(f"create branch {revision!r}",
                   lambda: api.create_branch(repo_id, branch=revision, exist_ok=True))
 
-    if plan.license is None and plan.output.base is not None and plan.output.base.hub_id:
-        found = _hub_license(api, plan.output.base.hub_id)
+    if plan.license is None:
+        # the base's card on the Hub, else the license this repo's card already declares
+        sources = [(plan.output.base.hub_id, None)] if plan.output.base is not None and plan.output.base.hub_id else []
+        sources += [(repo_id, revision)] if exists else []
+        found = next(filter(None, (_hub_license(api, *source) for source in sources)), None)
         if found is not None:
             plan = plan.with_license(found)
             _refuse_token_in_upload(plan, token)

@@ -133,7 +133,7 @@ def vlm_output(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def mergekit_output(qwen2_family, tmp_path_factory) -> Path:
-    """A real, sharded output of stock mergekit (no report: plain mergekit_config.yml)."""
+    """A real, sharded output of mergekit's run_merge (with the plugin's merge report)."""
     import yaml
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge

@@ -70,8 +70,22 @@ def test_pipeline_tag_is_decided_from_config(config, expected):
     assert pipeline_tag_for(config) == expected
 
 
-def test_plain_mergekit_output_falls_back_to_its_recipe(mergekit_output):
+def test_the_merge_report_drives_the_card(mergekit_output, qwen2_family):
     plan = plan_push(mergekit_output, "alice/qwen2-ta")
+    body = plan.card.text
+    assert "| `language_model` | weights | `merge` | 14 |" in body  # decisions actually applied
+    assert "Component policies of the recipe" in body
+    assert "| transformers | 5." in body and "| mergekit-mllm | 0." in body
+    # experts in the recipe's order even if the report lists them otherwise
+    listed = [line for line in body.splitlines() if line.startswith("- **Expert:**")]
+    assert listed == [f"- **Expert:** `{p}` (local)" for p in qwen2_family["experts"]]
+
+
+def test_plain_mergekit_output_falls_back_to_its_recipe(mergekit_output, tmp_path):
+    out = tmp_path / "plain"
+    shutil.copytree(mergekit_output, out)
+    (out / "mergekit_mllm_report.json").unlink()  # as stock mergekit alone writes it
+    plan = plan_push(out, "alice/qwen2-ta")
     data, body = plan.card.data, plan.card.text
     assert data.pipeline_tag == "text-generation"
     assert "task_arithmetic" in data.tags
@@ -81,7 +95,7 @@ def test_plain_mergekit_output_falls_back_to_its_recipe(mergekit_output):
     assert "Not recorded" in body and "(local)" in body
     assert "No evaluation results were attached" in body
     # every shard of the real mergekit output is planned, the old card is replaced
-    shards = sorted(p.name for p in mergekit_output.glob("*.safetensors"))
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
     planned = [item.path_in_repo for item in plan.items]
     assert len(shards) > 1 and all(name in planned for name in shards)
     assert planned.count("README.md") == 1

@@ -1,0 +1,111 @@
+"""The recipe's ``hub:`` section: validated before merging, pushed after it."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from conftest import TOKEN, USER, write_results
+from huggingface_hub import ModelCard
+
+from mergekit_mllm.hub.auto import KEYS, parse_hub_section, push_after_merge, validate_hub_section
+from mergekit_mllm.hub.errors import HubSectionError, MissingTokenError, RepoExistsError
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:httpx2")
+
+
+def recipe_with(hub) -> dict:
+    return {"merge_method": "task_arithmetic", "base_model": "/m/base", "models": [{"model": "/m/e0"}], "hub": hub}
+
+
+@pytest.mark.parametrize(
+    "hub, message",
+    [
+        ({"repo": "alice/x", "privte": True}, r"unknown key `privte` \(did you mean `private`\?\)"),
+        ({"repo": "alice/x", "colour": "red"}, "unknown key `colour`; allowed keys: repo, private"),
+        ({"repo": "alice/x", "token": "x"}, "`token` is not allowed: never put a token in a recipe"),
+        ({"private": True}, "`repo: OWNER/NAME` is required"),
+        ({"repo": "just-a-name"}, "must be OWNER/NAME"),
+        ({"repo": "alice/x", "private": "yes"}, "private must be true or false"),
+        ({"repo": "alice/x", "results": [3]}, "results must be paths"),
+        ({"repo": "alice/x", "results": "nowhere.json"}, "results file nowhere.json does not exist"),
+        ({"repo": "alice/x", "revision": "a" * 40}, "must be a branch name"),
+        ({"repo": "alice/x", "token_env": "not a name"}, "token_env must be the name of an environment variable"),
+        ({"repo": "alice/x", "plot": "missing.png"}, "plot image missing.png does not exist"),
+        ("alice/x", "must be a mapping"),
+    ],
+)
+def test_bad_hub_sections_fail_before_merging(hub, message):
+    with pytest.raises(HubSectionError, match=message):
+        validate_hub_section(recipe_with(hub))
+
+
+def test_a_token_value_is_refused_without_being_echoed():
+    with pytest.raises(HubSectionError) as failure:
+        validate_hub_section(recipe_with({"repo": "alice/x", "commit_message": TOKEN}))
+    assert "looks like a Hugging Face token" in str(failure.value)
+    assert TOKEN not in str(failure.value)
+
+
+def test_missing_token_fails_validation(hub_env, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(MissingTokenError):
+        validate_hub_section(recipe_with({"repo": "alice/x"}))
+    monkeypatch.setenv("CI_HUB_TOKEN", TOKEN)
+    validate_hub_section(recipe_with({"repo": "alice/x", "token_env": "CI_HUB_TOKEN"}))
+
+
+def test_no_hub_section_means_no_push(hub_env, vlm_output):
+    recipe = recipe_with(None)
+    validate_hub_section(recipe)
+    assert parse_hub_section(recipe) is None
+    assert push_after_merge(vlm_output, recipe) is None
+    assert hub_env.requests == []
+
+
+def test_every_documented_key_is_accepted(hub_env, vlm_output, tmp_path):
+    results = write_results(tmp_path / "r.json", str(vlm_output), vlm_output.name, {"synth_ocr": 50.0})
+    plot = tmp_path / "scores.png"
+    plot.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 16)
+    hub = {"repo": "alice/x", "private": True, "revision": "v2", "exist_ok": True, "results": [str(results)],
+           "token_env": "HF_TOKEN", "license": "apache-2.0", "plot": str(plot), "commit_message": "msg"}
+    assert set(hub) == set(KEYS)
+    section = parse_hub_section(recipe_with(hub))
+    assert section.results == (str(results),) and section.private and section.plot == str(plot)
+
+
+def test_mergekit_run_merge_pushes_when_the_recipe_asks(hub_env, qwen2_family, tmp_path, monkeypatch):
+    """Through the plugin's run_merge wrapper: validate before merging, push after."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    from mergekit_mllm.testing import recipe_for
+
+    monkeypatch.chdir(tmp_path)  # relative results paths are read from the working directory
+    base_results = write_results(tmp_path / "base.json", str(qwen2_family["base"]), "base", {"synth_chart": 20.0})
+    recipe = recipe_for("task_arithmetic", qwen2_family["base"], qwen2_family["experts"], parameters={"weight": 0.5})
+    merge_config = MergeConfiguration.model_validate(recipe)
+    options = MergeOptions(out_shard_size=20000, quiet=True)
+
+    # a bad hub: section stops the merge before any output is written
+    bad = dict(recipe, hub={"repo": f"{USER}/ta-merge", "privte": True})
+    with pytest.raises(HubSectionError, match="unknown key `privte`"):
+        run_merge(merge_config, str(tmp_path / "never"), options, config_source=yaml.safe_dump(bad, sort_keys=False))
+    assert not (tmp_path / "never").exists() and hub_env.requests == []
+
+    recipe["hub"] = {"repo": f"{USER}/ta-merge", "results": [base_results.name], "license": "mit"}
+    out = tmp_path / "merged"
+    run_merge(merge_config, str(out), options, config_source=yaml.safe_dump(recipe, sort_keys=False))
+    assert f"{USER}/ta-merge" in hub_env.state.repos
+
+    card = ModelCard(hub_env.file_bytes(f"{USER}/ta-merge", "main", "README.md").decode())
+    assert card.data.license == "mit" and card.data.eval_results is None
+    assert "| synth_chart | relaxed_accuracy | — | 20.00 |" in card.text
+    assert "hub:" in card.text and "repo: alice/ta-merge" in card.text  # the recipe, hub section included
+    assert TOKEN not in card.text
+
+    # pushing again without exist_ok: refused with a retry hint for the upload only
+    with pytest.raises(RepoExistsError) as failure:
+        push_after_merge(out, recipe)
+    assert "The merge itself succeeded" in str(failure.value)
+    assert f"mergekit-mllm push {out} --repo {USER}/ta-merge --exist-ok --results base.json" in str(failure.value)
