@@ -9,7 +9,7 @@ import click
 
 
 @click.command("push")
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="OUT [RESULTS.json]...")
 @click.option("--repo", "repo_id", required=True, metavar="OWNER/NAME", help="Hub repository to push to.")
 @click.option("--private", is_flag=True, help="Create the repository as private (refused if it exists and is public).")
 @click.option(
@@ -29,7 +29,7 @@ import click
 @click.option("--endpoint", default=None, envvar="HF_ENDPOINT", metavar="URL",
               help="Hub endpoint (default: $HF_ENDPOINT or https://huggingface.co).")
 def push_command(
-    out: Path,
+    paths: Tuple[Path, ...],
     repo_id: str,
     private: bool,
     results: Tuple[Path, ...],
@@ -46,14 +46,27 @@ def push_command(
     """Push the merge output folder OUT to the Hub with a card holding its scores.
 
     The card (README.md) is generated from OUT/mergekit_mllm_report.json (or
-    mergekit_config.yml) and the --results files, and replaces OUT's README.md
-    in the upload only: OUT itself is never modified.
+    mergekit_config.yml) and the eval_suite results, and replaces OUT's
+    README.md in the upload only: OUT itself is never modified. Results files
+    are given with --results, which may be followed by more of them
+    (`--results merged.json base.json`): every *.json argument is a results file.
     """
     from mergekit_mllm.hub.errors import PushError
-    from mergekit_mllm.hub.push import check_revision, describe_plan, plan_push, redact, resolve_token, upload_plan
+    from mergekit_mllm.hub.push import (
+        check_revision, describe_plan, human_size, plan_push, redact, resolve_token, upload_plan,
+    )
 
     if plot is not None and no_plot:
         raise click.UsageError("--plot and --no-plot exclude each other")
+    # `--results a.json b.json`: click binds a.json to the option and leaves b.json positional
+    folders = [p for p in paths if p.suffix.lower() != ".json"]
+    results = tuple(results) + tuple(p for p in paths if p.suffix.lower() == ".json")
+    if len(folders) != 1:
+        raise click.UsageError(
+            f"give exactly one output folder OUT (got {', '.join(map(str, folders)) or 'none'}); "
+            "results files must end in .json"
+        )
+    out = folders[0]
     plot_choice = False if no_plot else plot
     token = None
     try:
@@ -69,5 +82,5 @@ def push_command(
         )
     except PushError as exc:
         raise click.ClickException(redact(str(exc), token)) from None
-    click.echo(f"Pushed {result.files} files ({result.bytes} bytes) to {result.url}")
+    click.echo(f"Pushed {result.files} files ({human_size(result.bytes)}) to {result.url}")
     click.echo(f"Commit: {result.commit_url}")

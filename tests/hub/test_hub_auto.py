@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import TOKEN, USER, write_results
+from hub_fixtures import TOKEN, USER, write_results
 from huggingface_hub import ModelCard
 
 from mergekit_mllm.hub.auto import KEYS, parse_hub_section, push_after_merge, validate_hub_section

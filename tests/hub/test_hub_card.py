@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from conftest import BASE_ID, EXPERT_IDS, REPORT, results_payload, write_results
+from hub_fixtures import BASE_ID, EXPERT_IDS, REPORT, results_payload, write_results
 from huggingface_hub import ModelCard
 
 from mergekit_mllm.hub.card import PLOT_NAME, pipeline_tag_for

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TOKEN, USER, files_containing, folder_state, subprocess_env
+from hub_fixtures import TOKEN, USER, files_containing, folder_state, subprocess_env
 from huggingface_hub import ModelCard, snapshot_download
 
 REPO = f"{USER}/cli-merge"
@@ -69,7 +69,7 @@ def test_cli_push_and_the_token_never_leaks(hub, vlm_output, vlm_results, tmp_pa
 
 
 def test_dry_run_prints_the_plan_and_sends_nothing(hub, vlm_output, vlm_results, tmp_path):
-    results = ["--results", vlm_results["merged"], "--results", vlm_results["base"]]
+    results = ["--results", vlm_results["merged"], vlm_results["base"]]  # the issue's `--results a.json b.json` form
     offline = subprocess_env(f"http://127.0.0.1:{closed_port()}", tmp_path / "home")
     dry = run_push(vlm_output, "--repo", REPO, *results, "--dry-run", env=offline)
     assert dry.returncode == 0, dry.stderr
@@ -82,6 +82,7 @@ def test_dry_run_prints_the_plan_and_sends_nothing(hub, vlm_output, vlm_results,
     assert "README.md  [generated card" in text and "eval_scores.png  [generated plot]" in text
     card_text = text.split("----- README.md -----\n", 1)[1]
     assert ModelCard(card_text).data.eval_results[0].dataset_name == "synth_chart"
+    assert "Base (Qwen/Qwen2-VL-7B)" in card_text  # the second results file was taken too
 
     # against a live hub: not a single request
     live = run_push(vlm_output, "--repo", REPO, *results, "--dry-run", env=subprocess_env(hub.endpoint, tmp_path / "home"))
@@ -95,6 +96,8 @@ def test_dry_run_prints_the_plan_and_sends_nothing(hub, vlm_output, vlm_results,
         (["{out}", "--repo", "no-owner"], "must be OWNER/NAME"),
         (["{out}", "--repo", REPO, "--plot", "x.png", "--no-plot"], "--plot and --no-plot exclude each other"),
         (["{out}", "--repo", REPO, "--revision", "refs/pr/1"], "must be a branch name"),
+        (["{out}", "{out}", "--repo", REPO], "give exactly one output folder OUT"),
+        (["{out}", "--repo", REPO, "--results", "{missing}.json"], "missing.json does not exist"),
     ],
 )
 def test_cli_errors_are_one_clear_line(hub, vlm_output, tmp_path, args, message):

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import BASE_ID, OTHER_TOKEN, TOKEN, USER, files_containing, folder_state, write_results
+from hub_fixtures import BASE_ID, OTHER_TOKEN, TOKEN, USER, files_containing, folder_state, write_results
 from huggingface_hub import HfApi, ModelCard, snapshot_download
 
 from mergekit_mllm.hub.card import PLOT_NAME
