@@ -63,12 +63,26 @@ def _wrap_run_merge(merge_module: ModuleType) -> None:
     install(merge_module)
 
 
+def _install_lora_inputs(_module: ModuleType) -> None:
+    from mergekit_mllm.lora.inputs import install
+
+    install()
+
+
+def _wrap_run_merge_lora(merge_module: ModuleType) -> None:
+    # Before _wrap_run_merge: the output wrapper then wraps this one, so the
+    # adapter output is written into its staging directory.
+    from mergekit_mllm.lora.recipe import install
+
+    install(merge_module)
+
+
 # module name -> extensions applied right after it has executed
 EXTENSIONS: Dict[str, List[Callable[[ModuleType], None]]] = {
     "mergekit.architecture": [_install_architectures],
     "mergekit.merge_methods": [_register_methods, _register_policy_methods],
-    "mergekit.plan": [_extend_planner],
-    "mergekit.merge": [_wrap_run_merge],
+    "mergekit.plan": [_extend_planner, _install_lora_inputs],
+    "mergekit.merge": [_wrap_run_merge_lora, _wrap_run_merge],
 }
 
 

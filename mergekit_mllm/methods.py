@@ -35,6 +35,7 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_mllm import ops
+from mergekit_mllm.lora import inputs as lora_inputs
 from mergekit_mllm.ops.interference import DEFAULT_LR
 
 PAPER = "Wei et al., OptMerge: Unifying Multimodal LLM Capabilities and Modalities via Model Merging (ICLR 2026)"
@@ -333,7 +334,10 @@ class PaperMergeMethod(GroupMergeMethod):
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         name = group.metadata.name or "<unnamed tensor>"
         base = group.base.tensor
-        task_vectors = self.task_vectors(group, parameters.pop("weight"))
+        weights = parameters.pop("weight")
+        # Exact τᵢ = scaling·B·A of LoRA experts (mergekit_mllm.lora); empty otherwise.
+        lora_factors = lora_inputs.task_vector_factors(group, compute_dtype(base.dtype))
+        task_vectors = self.task_vectors(group, weights, lora_factors)
         scale = parameters.pop("lambda")
         if self.declaration.matrix_only and (task_vectors.ndim != 3 or group.metadata.vocabulary_axis is not None):
             merged = task_vectors.mean(dim=0)
@@ -341,7 +345,9 @@ class PaperMergeMethod(GroupMergeMethod):
             if "rank_fraction" in parameters:
                 parameters["rank_fraction"] = _rank_fraction(parameters, len(task_vectors))
             parameters.update(self.declaration.context(group, len(task_vectors)))
-            merged = self.declaration.kernel(task_vectors, **parameters)
+            # All experts LoRA: the method's low-rank kernel (no dense SVD), if it has one.
+            low_rank = lora_inputs.low_rank_merge(self.spec.name, group, weights, lora_factors)
+            merged = low_rank(**parameters) if low_rank else self.declaration.kernel(task_vectors, **parameters)
         result = base.to(task_vectors.dtype) + scale * merged
         if not torch.isfinite(result).all():
             raise FloatingPointError(
@@ -350,8 +356,9 @@ class PaperMergeMethod(GroupMergeMethod):
             )
         return result.to(base.dtype)
 
-    def task_vectors(self, group: TensorGroup, weights) -> torch.Tensor:
-        """τᵢ = weightᵢ·(expertᵢ − base) in the compute dtype, with input checks."""
+    def task_vectors(self, group: TensorGroup, weights, lora_factors=None) -> torch.Tensor:
+        """τᵢ = weightᵢ·(expertᵢ − base) in the compute dtype, with input checks
+        (for a LoRA expert in ``lora_factors``: weightᵢ·L·R, exactly)."""
         name = group.metadata.name or "<unnamed tensor>"
         dtype = compute_dtype(group.base.tensor.dtype)
         base = group.base.tensor.to(dtype)
@@ -359,10 +366,14 @@ class PaperMergeMethod(GroupMergeMethod):
             raise MergeInputError(f"{self.spec.name}: base model tensor {name} contains NaN or Inf")
         vectors = []
         for entry in group.non_base:
-            expert = entry.tensor.to(dtype)
-            if not torch.isfinite(expert).all():
+            if lora_factors and entry.id in lora_factors:
+                source = vector = lora_factors[entry.id].dense()
+            else:
+                source = entry.tensor.to(dtype)
+                vector = source - base
+            if not torch.isfinite(source).all():
                 raise MergeInputError(f"{self.spec.name}: tensor {name} of model {entry.id} contains NaN or Inf")
-            vectors.append((expert - base) * weights[entry.id])
+            vectors.append(vector * weights[entry.id])
         return torch.stack(vectors)
 
 
