@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from mergekit_mllm.hub.errors import HubSectionError, PushError
-from mergekit_mllm.hub.push import DEFAULT_TOKEN_ENV, PushResult, check_repo_id, check_revision, push, resolve_token
+from mergekit_mllm.hub.push import (
+    DEFAULT_TOKEN_ENV, PushResult, check_repo_id, check_revision, missing_token_error, push, token_available,
+)
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # What a pasted secret looks like (Hub user/org/OAuth tokens), so the
@@ -136,8 +138,8 @@ def validate_hub_section(recipe: Dict[str, Any]) -> None:
     files exist and that a token is available. No network access.
     """
     section = parse_hub_section(recipe)
-    if section is not None:
-        resolve_token(section.token_env)
+    if section is not None and not token_available(section.token_env):
+        raise missing_token_error(section.token_env)
 
 
 def push_after_merge(out_path: Path, recipe: Dict[str, Any], *, endpoint: Optional[str] = None) -> Optional[PushResult]:

@@ -237,15 +237,18 @@ def token_available(token_env: str = DEFAULT_TOKEN_ENV) -> bool:
     return bool(os.environ.get("HUGGING_FACE_HUB_TOKEN", "").strip()) or Path(constants.HF_TOKEN_PATH).is_file()
 
 
+def missing_token_error(token_env: str = DEFAULT_TOKEN_ENV) -> MissingTokenError:
+    if token_env == DEFAULT_TOKEN_ENV:
+        return MissingTokenError(
+            "no Hugging Face token found: set HF_TOKEN to a token with write access or log in with `hf auth login`"
+        )
+    return MissingTokenError(f"no Hugging Face token found: environment variable {token_env} is not set")
+
+
 def resolve_token(token_env: str = DEFAULT_TOKEN_ENV) -> str:
     token = _lookup_token(token_env)
     if token is None:
-        if token_env == DEFAULT_TOKEN_ENV:
-            raise MissingTokenError(
-                "no Hugging Face token found: set HF_TOKEN to a token with write access "
-                "or log in with `hf auth login`"
-            )
-        raise MissingTokenError(f"no Hugging Face token found: environment variable {token_env} is not set")
+        raise missing_token_error(token_env)
     return token
 
 
