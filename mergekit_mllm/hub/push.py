@@ -16,8 +16,6 @@ and every message that leaves this module goes through :func:`redact`.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import os
 import re
 import sys
@@ -305,11 +303,10 @@ class PushResult:
 def _transport_errors() -> Tuple[type, ...]:
     """Connection-level exception types of the HTTP client huggingface_hub uses."""
     types: List[type] = [ConnectionError, TimeoutError]
-    for module_name in ("httpx2", "httpx"):
-        if module_name in sys.modules or importlib.util.find_spec(module_name) is not None:
-            error = getattr(importlib.import_module(module_name), "TransportError", None)
-            if error is not None:
-                types.append(error)
+    for module_name in ("httpx2", "httpx"):  # whichever huggingface_hub has imported
+        error = getattr(sys.modules.get(module_name), "TransportError", None)
+        if error is not None:
+            types.append(error)
     return tuple(types)
 
 

@@ -214,3 +214,15 @@ def test_license_is_read_from_the_base_card_on_the_hub(hub_env, vlm_output, tmp_
     card = ModelCard(hub.file_bytes(REPO, "main", "README.md").decode())
     assert card.data.license == "apache-2.0"
     assert not files_containing(tmp_path, TOKEN)
+
+
+def test_an_unreachable_hub_is_retried_then_reported(hub_env, vlm_output, fast_retry):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    messages = []
+    with pytest.raises(UploadError, match=r"could not check the repository .* still failed after 3 attempt\(s\): ConnectError"):
+        push(vlm_output, REPO, endpoint=f"http://127.0.0.1:{port}", retry=fast_retry, echo=messages.append)
+    assert sum("transient error" in m for m in messages) == 2
