@@ -111,6 +111,18 @@ def apply_chat_template(donor: Path, out: Path) -> Optional[str]:
     return found
 
 
+def recipe_models(merge_config) -> list:
+    """Referenced models in recipe order (mergekit's referenced_models() is a set)."""
+    ordered = []
+    for model in merge_config.models or ():
+        ordered.append(model.model)
+    for module in (merge_config.modules or {}).values():
+        ordered += [m.model for m in module.models or ()]
+        ordered += [s.model for slice_ in module.slices or () for s in slice_.sources]
+    ordered += [s.model for slice_ in merge_config.slices or () for s in slice_.sources]
+    return list(dict.fromkeys(ordered))
+
+
 def _versions() -> Dict[str, Optional[str]]:
     import importlib.metadata as md
 
@@ -130,7 +142,7 @@ def build_report(merge_config, record: MergeRecord, out: Path, side_files: list,
     method = merge_methods.get(merge_config.merge_method)
     config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
     base = merge_config.base_model
-    models = [str(m) for m in merge_config.referenced_models() if m != base]
+    models = [str(m) for m in recipe_models(merge_config) if m != base]
     decisions = [
         {"component": c, "kind": None if k == "-" else k, "action": a, "tensors": n}
         for (c, k, a), n in sorted(record.decisions.items())

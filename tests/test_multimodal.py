@@ -340,3 +340,11 @@ def test_bad_recipe_fails_with_a_clear_message_in_stock_mergekit_yaml(fresh_env,
     assert result.returncode != 0
     assert "unknown parameter 'varient'" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_report_lists_experts_in_recipe_order(families, tmp_path):
+    fam = families("llava")
+    experts = list(reversed(fam["experts"]))
+    out = run_merge(recipe_for("weight_average", fam["base"], experts), tmp_path / "out")
+    report = json.loads((out / "mergekit_mllm_report.json").read_text())
+    assert report["models"] == [str(e) for e in experts] and report["base_model"] == str(fam["base"])
