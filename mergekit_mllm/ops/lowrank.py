@@ -25,11 +25,12 @@ column spaces of Σ τᵢ.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 
+from mergekit_mllm.ops.closed_form import initial_merge, interference_minimiser
 from mergekit_mllm.ops.interference import DEFAULT_LR, InterferenceProblem, run_interference_descent
 from mergekit_mllm.ops.spectral import common_space_size, polar_factor, rank_per_task
 
@@ -249,12 +250,43 @@ def optmerge(
     return run_interference_descent(problem, optimizer="adam", lr=lr, iterations=iterations)
 
 
+def _with_init(problem: InterferenceProblem, task_vectors: Sequence[LowRank], init_mode: Optional[str]):
+    if init_mode is None:
+        return problem
+    return replace(problem, init=initial_merge(torch.stack([tv.dense() for tv in task_vectors]), init_mode))
+
+
+def wudi_exact(
+    task_vectors: Sequence[LowRank], *, init_mode: str = "sum", rcond: Optional[float] = None, ridge: float = 0.0
+) -> torch.Tensor:
+    """WUDI's exact minimiser (:func:`~mergekit_mllm.ops.closed_form.wudi_exact`) with thin
+    projectors: C = BBᵀ has rank ≤ Σ rᵢ, so its spectrum comes from a Σrᵢ × Σrᵢ eigenproblem."""
+    problem = _with_init(wudi_problem(task_vectors), task_vectors, init_mode)
+    return interference_minimiser(problem, rcond=rcond, ridge=ridge)
+
+
+def optmerge_exact(
+    task_vectors: Sequence[LowRank],
+    *,
+    variant: Literal["lora", "full"],
+    rank_fraction: float,
+    init_mode: Optional[str] = None,
+    rcond: Optional[float] = None,
+    ridge: float = 0.0,
+) -> torch.Tensor:
+    """OptMerge's exact minimiser (:func:`~mergekit_mllm.ops.closed_form.optmerge_exact`) from factors."""
+    problem = optmerge_problem(task_vectors, variant=variant, rank_fraction=rank_fraction)
+    return interference_minimiser(_with_init(problem, task_vectors, init_mode), rcond=rcond, ridge=ridge)
+
+
 # Method name (as registered with mergekit) -> low-rank kernel. Methods not
-# listed (element-wise ones, closed forms) get the exact dense τᵢ = L·R.
+# listed (element-wise ones, SWUDI/ASWUDI) get the exact dense τᵢ = L·R.
 LOW_RANK_KERNELS: Dict[str, Callable[..., torch.Tensor]] = {
     "tsv": tsv,
     "iso_c": iso_c,
     "iso_cts": iso_cts,
     "wudi": wudi,
     "optmerge": optmerge,
+    "wudi_exact": wudi_exact,
+    "optmerge_exact": optmerge_exact,
 }
