@@ -77,12 +77,20 @@ def _wrap_run_merge_lora(merge_module: ModuleType) -> None:
     install(merge_module)
 
 
+def _wrap_run_merge_compose(merge_module: ModuleType) -> None:
+    # Between the LoRA and output wrappers: `compose:` recipes bypass
+    # mergekit's planner but are still staged and published by the output wrapper.
+    from mergekit_mllm.compose.recipe import install
+
+    install(merge_module)
+
+
 # module name -> extensions applied right after it has executed
 EXTENSIONS: Dict[str, List[Callable[[ModuleType], None]]] = {
     "mergekit.architecture": [_install_architectures],
     "mergekit.merge_methods": [_register_methods, _register_policy_methods],
     "mergekit.plan": [_extend_planner, _install_lora_inputs],
-    "mergekit.merge": [_wrap_run_merge_lora, _wrap_run_merge],
+    "mergekit.merge": [_wrap_run_merge_lora, _wrap_run_merge_compose, _wrap_run_merge],
 }
 
 
