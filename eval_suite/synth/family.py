@@ -1,0 +1,364 @@
+"""A tiny LLaVA model family for the synthetic benchmark, trained on CPU.
+
+``build_family(out, size, seed)`` writes ``out/base`` and
+``out/experts/{vqa,geometry,chart,ocr,grounding}`` as stock
+``LlavaForConditionalGeneration`` checkpoints (CLIP vision tower →
+``multi_modal_projector`` → Qwen2 language model) with a ``LlavaProcessor``, so
+``AutoModelForImageTextToText`` / ``AutoProcessor`` load them and mergekit sees
+three distinct components.
+
+The recipe mirrors the paper's fine-tuning regime (a capable base whose
+experts each improve one capability with little drift):
+
+1. **vision pretraining** — the vision tower learns dense scene labels (part
+   and colour class of every 4-px cell) from all five tasks, standing in for
+   the pretrained encoder every real MLLM starts from; the label head is
+   discarded.
+2. **base** — the whole model is instruction-tuned on an equal mix of the five
+   tasks (answer tokens only), stopping while every task still has headroom.
+3. **experts** — each starts from the base and fine-tunes on its own task with
+   a small learning rate for a few steps (full fine-tuning, all components).
+
+Everything is seeded and runs single-threaded by default (``threads``), so a
+rebuild with the same arguments reproduces the same tensors; a finished build
+is cached by its arguments (``family.json``) and reused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from eval_suite.synth.tasks import (
+    CAPABILITIES,
+    COLOR_CLASSES,
+    IMAGE_SIZE,
+    PARTS,
+    SYNTH_VERSION,
+    TASKS,
+    SynthItem,
+    train_items,
+)
+from eval_suite.synth.tokenizer import IMAGE_TOKEN, build_processor, build_tokenizer
+
+FAMILY_VERSION = "1"
+LABEL_CELL = 4  # vision pretraining predicts the label of every 4×4-px cell
+EXPERTS = tuple(CAPABILITIES)  # vqa, geometry, chart, ocr, grounding
+CONFIG_MARKER = "eval_suite_synth"  # key in config.json that identifies the family
+
+
+@dataclass(frozen=True)
+class FamilySize:
+    name: str
+    vision_hidden: int
+    vision_layers: int
+    text_hidden: int
+    text_layers: int
+    vision_steps: int
+    base_steps: int
+    expert_steps: int
+    vision_batch: int = 64
+    batch: int = 32
+    vision_lr: float = 2e-3
+    base_lr: float = 1e-3
+    expert_lr: float = 2e-4
+    warmup: int = 50
+    patch_size: int = 16
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (IMAGE_SIZE // self.patch_size) ** 2
+
+
+SIZES: Dict[str, FamilySize] = {
+    # `smoke` is for the test-suite only: seconds to build, untrained-quality models.
+    "smoke": FamilySize("smoke", 32, 1, 32, 1, vision_steps=2, base_steps=3, expert_steps=2, vision_batch=8, batch=8, warmup=1),
+    "ci": FamilySize("ci", 128, 2, 128, 3, vision_steps=250, base_steps=500, expert_steps=40),
+    "full": FamilySize("full", 128, 2, 128, 3, vision_steps=500, base_steps=2500, expert_steps=150),
+}
+
+
+# ---------------------------------------------------------------------------
+# Model
+
+
+def build_model(size: FamilySize, tokenizer) -> "torch.nn.Module":
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
+
+    vision = CLIPVisionConfig(
+        hidden_size=size.vision_hidden, intermediate_size=2 * size.vision_hidden,
+        num_hidden_layers=size.vision_layers, num_attention_heads=4, image_size=IMAGE_SIZE,
+        patch_size=size.patch_size, projection_dim=size.vision_hidden,
+    )
+    text = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=size.text_hidden, intermediate_size=2 * size.text_hidden,
+        num_hidden_layers=size.text_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        image_seq_length=size.num_image_tokens, tie_word_embeddings=False,
+    )
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    return model
+
+
+# ---------------------------------------------------------------------------
+# Data
+
+
+class Encoder:
+    """Turns synthetic items into training tensors exactly as the processor + chat template would."""
+
+    def __init__(self, processor, num_image_tokens: int):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.num_image_tokens = num_image_tokens
+        self.mean = torch.tensor(processor.image_processor.image_mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(processor.image_processor.image_std, dtype=torch.float32).view(3, 1, 1)
+
+    def pixels(self, image) -> torch.Tensor:
+        array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (array - self.mean) / self.std
+
+    def prompt(self, question: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return text.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.num_image_tokens)
+
+    def batch(self, items: Sequence[SynthItem]) -> Dict[str, torch.Tensor]:
+        tok = self.tokenizer
+        prompts = tok([self.prompt(item.question) for item in items], add_special_tokens=False)["input_ids"]
+        answers = tok([" " + item.answers[0] for item in items], add_special_tokens=False)["input_ids"]
+        sequences = [p + a + [tok.eos_token_id] for p, a in zip(prompts, answers)]
+        length = max(len(s) for s in sequences)
+        input_ids = torch.full((len(items), length), tok.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+        labels = torch.full((len(items), length), -100, dtype=torch.long)
+        for row, (prompt, sequence) in enumerate(zip(prompts, sequences)):
+            input_ids[row, : len(sequence)] = torch.tensor(sequence)
+            attention_mask[row, : len(sequence)] = 1
+            labels[row, len(prompt): len(sequence)] = torch.tensor(sequence[len(prompt):])
+        pixel_values = torch.stack([self.pixels(item.image()) for item in items])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixel_values}
+
+
+def _mixed_stream(tasks: Sequence[str], seed: int, stream: int) -> Iterator[SynthItem]:
+    """Round-robin over ``tasks``; ``stream`` separates base and expert data."""
+    iterators = [train_items(task, seed * 100 + stream, 10**9) for task in tasks]
+    while True:
+        for iterator in iterators:
+            yield next(iterator)
+
+
+def _cell_labels(label_image, cells: int) -> torch.Tensor:
+    """Majority non-background class of each LABEL_CELL×LABEL_CELL cell (background if empty)."""
+    labels = torch.from_numpy(np.asarray(label_image, dtype=np.int64))
+    size = IMAGE_SIZE // LABEL_CELL
+    blocks = labels.view(size, LABEL_CELL, size, LABEL_CELL).permute(0, 2, 1, 3).reshape(size, size, -1)
+    counts = torch.nn.functional.one_hot(blocks, cells).sum(2)
+    counts[..., 0] = 0
+    majority = counts.argmax(-1)
+    majority[counts.sum(-1) == 0] = 0
+    return majority
+
+
+# ---------------------------------------------------------------------------
+# Training stages
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    return warm * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
+
+
+def pretrain_vision(model, size: FamilySize, seed: int, log: Callable[[str], None]) -> Dict[str, float]:
+    """Stage 1: dense part/colour labels for every 4-px cell, from the vision tower's patch tokens."""
+    torch.manual_seed(seed)
+    tower = model.model.vision_tower
+    per_patch = size.patch_size // LABEL_CELL
+    head = torch.nn.Linear(size.vision_hidden, per_patch * per_patch * (len(PARTS) + len(COLOR_CLASSES)))
+    params = list(tower.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=size.vision_lr, weight_decay=0.0)
+    stream = _mixed_stream(list(TASKS), seed, stream=0)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    grid = IMAGE_SIZE // size.patch_size
+    accuracy = 0.0
+    for step in range(size.vision_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = size.vision_lr * _schedule(step, size.vision_steps, size.warmup)
+        items = [next(stream) for _ in range(size.vision_batch)]
+        pixels, parts, colors = [], [], []
+        for item in items:
+            pixels.append((torch.from_numpy(np.asarray(item.image(), dtype=np.float32) / 255.0).permute(2, 0, 1) - mean) / std)
+            part_map, color_map = TASKS[item.task].render_labels(item.spec)
+            parts.append(_cell_labels(part_map, len(PARTS)))
+            colors.append(_cell_labels(color_map, len(COLOR_CLASSES)))
+        hidden = tower(torch.stack(pixels), output_hidden_states=True).hidden_states[model.config.vision_feature_layer][:, 1:]
+        logits = head(hidden).view(len(items), grid, grid, per_patch, per_patch, -1)
+        logits = logits.permute(0, 1, 3, 2, 4, 5).reshape(len(items), grid * per_patch, grid * per_patch, -1)
+        part_logits, color_logits = logits[..., : len(PARTS)], logits[..., len(PARTS):]
+        part_target, color_target = torch.stack(parts), torch.stack(colors)
+        loss = torch.nn.functional.cross_entropy(part_logits.reshape(-1, len(PARTS)), part_target.reshape(-1)) + \
+            torch.nn.functional.cross_entropy(color_logits.reshape(-1, len(COLOR_CLASSES)), color_target.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        foreground = part_target > 0
+        if foreground.any():
+            accuracy = (part_logits.argmax(-1) == part_target)[foreground].float().mean().item()
+        if step % 100 == 0 or step == size.vision_steps - 1:
+            log(f"  vision step {step}: loss {loss.item():.3f}, foreground part accuracy {accuracy:.3f}")
+    return {"vision_part_accuracy": accuracy}
+
+
+def train_answers(model, encoder: Encoder, stream: Iterator[SynthItem], *, steps: int, batch: int, lr: float,
+                  warmup: int, seed: int, log: Callable[[str], None], label: str) -> float:
+    """Answer-token cross-entropy on items from ``stream`` (all components trained)."""
+    torch.manual_seed(seed)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    loss_value = float("nan")
+    started = time.time()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * _schedule(step, steps, warmup)
+        inputs = encoder.batch([next(stream) for _ in range(batch)])
+        loss = model(**inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"  {label} step {step}: loss {loss_value:.3f} ({time.time() - started:.0f} s)")
+    model.eval()
+    return loss_value
+
+
+# ---------------------------------------------------------------------------
+# Build + cache
+
+
+def _family_key(size: FamilySize, seed: int, threads: int) -> dict:
+    import transformers
+
+    return {
+        "family_version": FAMILY_VERSION, "synth_version": SYNTH_VERSION, "size": asdict(size), "seed": seed,
+        "threads": threads, "torch": torch.__version__, "transformers": transformers.__version__,
+    }
+
+
+def _save(model, processor, directory: Path, marker: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    setattr(model.config, CONFIG_MARKER, marker)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+
+def family_paths(out: Path) -> Dict[str, Path]:
+    out = Path(out)
+    return {"base": out / "base", **{name: out / "experts" / name for name in EXPERTS}}
+
+
+def build_family(out, size: str = "ci", seed: int = 0, *, threads: int = 1, force: bool = False,
+                 log: Callable[[str], None] = print, size_overrides: Optional[dict] = None) -> Dict[str, object]:
+    """Build (or reuse) the family in ``out``; returns the manifest (``out/family.json``)."""
+    out = Path(out)
+    if size not in SIZES:
+        raise ValueError(f"unknown family size {size!r}; choose from {', '.join(SIZES)}")
+    spec = replace(SIZES[size], **(size_overrides or {}))
+    key = _family_key(spec, seed, threads)
+    manifest_path = out / "family.json"
+    if manifest_path.is_file() and not force:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("key") == key and all((p / "config.json").is_file() for p in family_paths(out).values()):
+            log(f"reusing cached family in {out} (size {size}, seed {seed})")
+            return manifest
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _build(out, spec, seed, key, log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _build(out: Path, size: FamilySize, seed: int, key: dict, log: Callable[[str], None]) -> Dict[str, object]:
+    from transformers import LlavaForConditionalGeneration
+
+    started = time.time()
+    timings: Dict[str, float] = {}
+    tokenizer = build_tokenizer()
+    processor = build_processor(tokenizer, IMAGE_SIZE, size.patch_size)
+    encoder = Encoder(processor, size.num_image_tokens)
+    torch.manual_seed(seed)
+    model = build_model(size, tokenizer)
+    model.set_attn_implementation("sdpa")  # training speed; checkpoints record eager for evaluation
+
+    log(f"[1/3] vision pretraining ({size.vision_steps} steps)")
+    stats = pretrain_vision(model, size, seed, log)
+    timings["vision"] = time.time() - started
+
+    log(f"[2/3] base: all five tasks ({size.base_steps} steps)")
+    t0 = time.time()
+    train_answers(model, encoder, _mixed_stream(list(TASKS), seed, stream=1), steps=size.base_steps,
+                  batch=size.batch, lr=size.base_lr, warmup=size.warmup, seed=seed + 1, log=log, label="base")
+    timings["base"] = time.time() - t0
+    paths = family_paths(out)
+    marker = {"synth_version": SYNTH_VERSION, "family_version": FAMILY_VERSION, "size": size.name, "seed": seed}
+    model.set_attn_implementation("eager")
+    _save(model, processor, paths["base"], {**marker, "role": "base"})
+    model.set_attn_implementation("sdpa")
+    base_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+    for index, capability in enumerate(EXPERTS):
+        log(f"[3/3] expert {capability} ({size.expert_steps} steps)")
+        t0 = time.time()
+        model.load_state_dict(base_state)
+        task = CAPABILITIES[capability]
+        train_answers(model, encoder, _mixed_stream([task], seed, stream=10 + index), steps=size.expert_steps,
+                      batch=size.batch, lr=size.expert_lr, warmup=min(size.warmup, size.expert_steps // 5 + 1),
+                      seed=seed + 10 + index, log=log, label=capability)
+        model.set_attn_implementation("eager")
+        _save(model, processor, paths[capability], {**marker, "role": f"expert:{capability}", "task": task})
+        model.set_attn_implementation("sdpa")
+        timings[f"expert_{capability}"] = time.time() - t0
+
+    timings["total"] = time.time() - started
+    manifest = {
+        "key": key,
+        "size": size.name,
+        "seed": seed,
+        "base": str(paths["base"]),
+        "experts": {name: str(paths[name]) for name in EXPERTS},
+        "expert_tasks": {name: CAPABILITIES[name] for name in EXPERTS},
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "vision_pretraining": stats,
+    }
+    (out / "family.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    log(f"family built in {timings['total']:.0f} s → {out}")
+    return manifest
+
+
+def load_family_model(path, device: str = "cpu", dtype=torch.float32):
+    """Load one member (base, expert or a merge of them) for evaluation."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="eager").to(device).eval()

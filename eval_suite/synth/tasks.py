@@ -1,0 +1,450 @@
+"""Five procedurally generated tasks mirroring the paper's capabilities.
+
+Every item is a pure function of ``(task, split, seed, index)``: a scene
+*spec* (plain JSON) is drawn from a seeded ``random.Random`` and rendered with
+PIL without anti-aliasing, so the same arguments give the same pixels.
+
+Splits: ``val`` and ``test`` are frozen (fixed seeds, independent of any model
+family's seed; :data:`EVAL_SPLIT_SEEDS`); ``train`` items come from the family
+seed and skip any item whose canonical key occurs in a frozen split.
+A λ sweep selects on ``val``; final numbers are reported on ``test``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from PIL import Image, ImageDraw
+
+from eval_suite.synth.font import GLYPH_WIDTH, draw_text, text_size
+
+#: bump when a generator or renderer changes; results record it as the dataset revision
+SYNTH_VERSION = "1"
+IMAGE_SIZE = 64
+EVAL_SPLIT_SEEDS = {"val": 1_000_003, "test": 2_000_003}
+EVAL_SPLIT_SIZE = 500
+
+COLORS: Dict[str, Tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 200, 30),
+    "purple": (150, 60, 190),
+    "orange": (240, 130, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+WHITE = (255, 255, 255)
+BLACK = (0, 0, 0)
+GRID = 4  # object positions snap to a 4-px grid (grounding boxes land on a coarse 0–1000 lattice)
+OCR_ALPHABET = "ABCDEFHKLMNPRTUX"  # letters that stay distinct at 5×7
+GROUNDING_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: "
+
+
+@dataclass(frozen=True)
+class SynthItem:
+    task: str
+    split: str
+    index: int
+    question: str
+    answers: Tuple[str, ...]
+    question_type: str
+    spec: dict = field(hash=False, compare=False)
+
+    @property
+    def id(self) -> str:
+        return f"{self.task}/{self.split}/{self.index}"
+
+    def image(self) -> Image.Image:
+        return TASKS[self.task].render(self.spec)
+
+    def key(self) -> str:
+        """Canonical identity (spec + question) used to keep train items out of eval splits."""
+        return item_key(self.spec, self.question)
+
+
+def item_key(spec: dict, question: str) -> str:
+    payload = json.dumps({"spec": spec, "question": question}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def _rng(task: str, split: str, seed: int, index: int) -> random.Random:
+    digest = hashlib.sha256(f"{SYNTH_VERSION}:{task}:{split}:{seed}:{index}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+# ---------------------------------------------------------------------------
+# Shared scene helpers
+
+
+def _place_boxes(rng: random.Random, sizes: Sequence[int], margin: int = 2) -> List[List[int]]:
+    """Non-overlapping axis-aligned boxes [x0, y0, x1, y1) on the GRID lattice, in ``sizes`` order.
+
+    Rejection sampling; a dead end restarts the whole layout (deterministic for a given ``rng``).
+    """
+    for _ in range(100):
+        boxes: List[List[int]] = []
+        for size in sizes:
+            for _ in range(50):
+                x0 = rng.randrange(0, (IMAGE_SIZE - size) // GRID + 1) * GRID
+                y0 = rng.randrange(0, (IMAGE_SIZE - size) // GRID + 1) * GRID
+                box = [x0, y0, x0 + size, y0 + size]
+                if all(_separated(box, other, margin) for other in boxes):
+                    boxes.append(box)
+                    break
+            else:
+                break
+        if len(boxes) == len(sizes):
+            return boxes
+    raise RuntimeError(f"could not place objects of sizes {list(sizes)}")  # pragma: no cover
+
+
+def _separated(a, b, margin) -> bool:
+    return a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1]
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, paint: "Painter", shape: str, color: str, box: Sequence[int]) -> None:
+    x0, y0, x1, y1 = box
+    fill = paint(shape, color)
+    if shape == "circle":
+        draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=fill)
+    elif shape == "square":
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1 - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=fill)
+    else:  # pragma: no cover
+        raise ValueError(shape)
+
+
+# Dense scene labels: every pixel gets a *part* class and a *colour* class. The
+# family builder pretrains the vision tower on them (real MLLMs start from a
+# pretrained vision encoder); evaluation never uses them.
+PARTS = ("background", "circle", "square", "triangle", "line", "grid", "rectangle", "bar", "axis") + tuple(
+    f"char_{c}" for c in OCR_ALPHABET
+)
+PART_IDS = {name: i for i, name in enumerate(PARTS)}
+COLOR_CLASSES = ("white",) + tuple(COLORS) + ("ink", "grey")
+COLOR_IDS = {name: i for i, name in enumerate(COLOR_CLASSES)}
+INKS = {"black": (0, 0, 0), "navy": (40, 40, 140), "maroon": (120, 20, 20)}
+GREY = (200, 200, 200)
+
+
+class Painter:
+    """Maps a drawn element (part, colour) to a fill: RGB for the image, class ids for label maps."""
+
+    def __init__(self, mode: str):
+        if mode not in ("rgb", "part", "color"):
+            raise ValueError(mode)
+        self.mode = mode
+
+    @property
+    def image_mode(self) -> str:
+        return "RGB" if self.mode == "rgb" else "L"
+
+    @property
+    def background(self):
+        return WHITE if self.mode == "rgb" else 0
+
+    def __call__(self, part: str, color: str):
+        if self.mode == "part":
+            return PART_IDS[part]
+        if self.mode == "color":
+            return COLOR_IDS["ink" if color in INKS else color]
+        if color in COLORS:
+            return COLORS[color]
+        if color in INKS:
+            return INKS[color]
+        return GREY if color == "grey" else BLACK
+
+
+def _canvas(paint: Painter) -> Tuple[Image.Image, ImageDraw.ImageDraw]:
+    image = Image.new(paint.image_mode, (IMAGE_SIZE, IMAGE_SIZE), paint.background)
+    return image, ImageDraw.Draw(image)
+
+
+def _draw_objects(spec: dict, paint: Painter) -> Image.Image:
+    image, draw = _canvas(paint)
+    for obj in spec["objects"]:
+        _draw_object(draw, paint, obj["shape"], obj["color"], obj["box"])
+    return image
+
+
+def _plural(shape: str) -> str:
+    return shape + "s"
+
+
+# ---------------------------------------------------------------------------
+# synth_vqa: counting, colour and shape questions
+
+
+def _gen_vqa(rng: random.Random):
+    count = rng.randint(1, 5)
+    objects = [
+        {"shape": rng.choice(SHAPES), "color": rng.choice(list(COLORS)), "box": box}
+        for box in _place_boxes(rng, [rng.choice([10, 12, 14]) for _ in range(count)])
+    ]
+    spec = {"objects": objects}
+    shapes = [o["shape"] for o in objects]
+    colors = [o["color"] for o in objects]
+    kinds = ["count_shape", "count_color", "exists"]
+    if any(shapes.count(s) == 1 for s in shapes):
+        kinds.append("color_of")
+    if any(colors.count(c) == 1 for c in colors):
+        kinds.append("shape_of")
+    kind = rng.choice(kinds)
+    if kind == "count_shape":
+        shape = rng.choice(SHAPES)
+        return spec, f"how many {_plural(shape)} are there?", str(shapes.count(shape)), kind
+    if kind == "count_color":
+        color = rng.choice(colors + [rng.choice(list(COLORS))])
+        return spec, f"how many {color} objects are there?", str(colors.count(color)), kind
+    if kind == "exists":
+        if rng.random() < 0.5:
+            target = rng.choice(objects)
+            shape, color = target["shape"], target["color"]
+        else:
+            shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+        present = any(o["shape"] == shape and o["color"] == color for o in objects)
+        return spec, f"is there a {color} {shape}?", "yes" if present else "no", kind
+    if kind == "color_of":
+        shape = rng.choice([s for s in shapes if shapes.count(s) == 1])
+        return spec, f"what color is the {shape}?", colors[shapes.index(shape)], kind
+    color = rng.choice([c for c in colors if colors.count(c) == 1])
+    return spec, f"what shape is the {color} object?", shapes[colors.index(color)], kind
+
+
+# ---------------------------------------------------------------------------
+# synth_geometry: angles, lengths and areas in rendered figures
+
+ANGLES = (30, 45, 60, 90, 120, 135, 150)
+UNIT = 8  # grid unit in pixels
+
+
+def _gen_geometry(rng: random.Random):
+    kind = rng.choice(["angle", "length", "area"])
+    if kind == "angle":
+        angle = rng.choice(ANGLES)
+        spec = {
+            "kind": kind,
+            "vertex": [rng.randint(20, 44), rng.randint(20, 44)],
+            "start": rng.randrange(0, 360, 15),
+            "angle": angle,
+            "arms": [rng.randint(16, 20), rng.randint(16, 20)],
+        }
+        return spec, "what is the size of the angle in degrees?", str(angle), kind
+    if kind == "length":
+        length = rng.randint(1, 7)
+        horizontal = rng.random() < 0.5
+        start = [rng.randint(0, 7 - length), rng.randint(1, 7)]
+        if not horizontal:
+            start.reverse()
+        spec = {"kind": kind, "start": start, "length": length, "horizontal": horizontal}
+        return spec, "how many grid units long is the red segment?", str(length), kind
+    width, height = rng.randint(1, 4), rng.randint(1, 4)
+    corner = [rng.randint(0, 7 - width), rng.randint(0, 7 - height)]
+    spec = {"kind": kind, "corner": corner, "size": [width, height]}
+    return spec, "what is the area of the blue rectangle in grid units?", str(width * height), kind
+
+
+def _draw_grid(draw: ImageDraw.ImageDraw, paint: Painter) -> None:
+    fill = paint("grid", "grey")
+    for k in range(0, IMAGE_SIZE + 1, UNIT):
+        edge = min(k, IMAGE_SIZE - 1)
+        draw.line([(edge, 0), (edge, IMAGE_SIZE - 1)], fill=fill)
+        draw.line([(0, edge), (IMAGE_SIZE - 1, edge)], fill=fill)
+
+
+def _draw_geometry(spec: dict, paint: Painter) -> Image.Image:
+    image, draw = _canvas(paint)
+    if spec["kind"] == "angle":
+        vx, vy = spec["vertex"]
+        for arm, direction in zip(spec["arms"], (spec["start"], spec["start"] + spec["angle"])):
+            radians = math.radians(direction)
+            end = (round(vx + arm * math.cos(radians)), round(vy - arm * math.sin(radians)))
+            draw.line([(vx, vy), end], fill=paint("line", "black"), width=2)
+        return image
+    _draw_grid(draw, paint)
+    if spec["kind"] == "length":
+        x, y = spec["start"]
+        dx, dy = (spec["length"], 0) if spec["horizontal"] else (0, spec["length"])
+        draw.line([(x * UNIT, y * UNIT), ((x + dx) * UNIT, (y + dy) * UNIT)], fill=paint("line", "red"), width=3)
+        return image
+    (x, y), (w, h) = spec["corner"], spec["size"]
+    draw.rectangle([x * UNIT + 1, y * UNIT + 1, (x + w) * UNIT - 1, (y + h) * UNIT - 1], fill=paint("rectangle", "blue"))
+    return image
+
+
+# ---------------------------------------------------------------------------
+# synth_chart: values read off rendered bar charts (relaxed accuracy)
+
+CHART_BASELINE = 60
+CHART_SCALE = 0.5  # pixels per unit: values 10–99 give bars 5–49 px high
+
+
+def _gen_chart(rng: random.Random):
+    count = rng.randint(3, 5)
+    colors = rng.sample(list(COLORS), count)
+    values = rng.sample(range(10, 100), count)
+    spec = {"colors": colors, "values": values}
+    kind = rng.choices(["value", "max", "min"], weights=[6, 2, 2])[0]
+    if kind == "value":
+        i = rng.randrange(count)
+        return spec, f"what is the value of the {colors[i]} bar?", str(values[i]), kind
+    pick = max if kind == "max" else min
+    word = "tallest" if kind == "max" else "shortest"
+    return spec, f"which bar is the {word}?", colors[values.index(pick(values))], kind
+
+
+def _draw_chart(spec: dict, paint: Painter) -> Image.Image:
+    image, draw = _canvas(paint)
+    axis = paint("axis", "black")
+    draw.line([(4, 8), (4, CHART_BASELINE)], fill=axis)
+    draw.line([(4, CHART_BASELINE), (IMAGE_SIZE - 2, CHART_BASELINE)], fill=axis)
+    for tick in (0, 50, 100):
+        y = CHART_BASELINE - round(tick * CHART_SCALE)
+        draw.line([(2, y), (4, y)], fill=axis)
+    slot = (IMAGE_SIZE - 8) // len(spec["values"])
+    for i, (color, value) in enumerate(zip(spec["colors"], spec["values"])):
+        x0 = 7 + i * slot
+        top = CHART_BASELINE - round(value * CHART_SCALE)
+        draw.rectangle([x0, top, x0 + slot - 4, CHART_BASELINE - 1], fill=paint("bar", color))
+    return image
+
+
+# ---------------------------------------------------------------------------
+# synth_ocr: rendered strings (exact match and ANLS)
+
+
+def _gen_ocr(rng: random.Random):
+    length = rng.randint(3, 5)
+    text = "".join(rng.choice(OCR_ALPHABET) for _ in range(length))
+    width, height = text_size(text, scale=2, spacing=1)
+    spec = {
+        "text": text,
+        "xy": [rng.randint(0, IMAGE_SIZE - width), rng.randint(0, IMAGE_SIZE - height)],
+        "ink": rng.choice(list(INKS)),
+    }
+    return spec, "what is the text in the image?", text, "read"
+
+
+def _draw_ocr(spec: dict, paint: Painter) -> Image.Image:
+    image, draw = _canvas(paint)
+    x, y = spec["xy"]
+    for position, char in enumerate(spec["text"]):
+        left = x + position * (GLYPH_WIDTH + 1) * 2
+        draw_text(draw, (left, y), char, fill=paint(f"char_{char}", spec["ink"]), scale=2, spacing=1)
+    return image
+
+
+# ---------------------------------------------------------------------------
+# synth_grounding: the box of a described object, Qwen2-VL 0–1000 format
+
+
+def format_box_qwen2_vl(box_pixels: Sequence[float], width: int = IMAGE_SIZE, height: int = IMAGE_SIZE) -> str:
+    """``(x1,y1),(x2,y2)`` on the 0–1000 relative grid; ⌊v·1000⌋ like the experts' training data."""
+    x0, y0, x1, y1 = box_pixels
+    values = [math.floor(x0 / width * 1000), math.floor(y0 / height * 1000),
+              math.floor(x1 / width * 1000), math.floor(y1 / height * 1000)]
+    return "({},{}),({},{})".format(*values)
+
+
+def _gen_grounding(rng: random.Random):
+    count = rng.randint(2, 4)
+    combos = rng.sample([(s, c) for s in SHAPES for c in COLORS], count)
+    sizes = [rng.choice([8, 12, 16, 20, 24]) for _ in range(count)]
+    objects = [{"shape": s, "color": c, "box": box} for (s, c), box in zip(combos, _place_boxes(rng, sizes))]
+    target = rng.randrange(count)
+    spec = {"objects": objects, "target": target}
+    obj = objects[target]
+    question = GROUNDING_PROMPT + f"the {obj['color']} {obj['shape']}"
+    return spec, question, format_box_qwen2_vl(obj["box"]), "refer"
+
+
+def grounding_box(spec: dict) -> List[float]:
+    """Ground-truth box of a grounding item, normalised xyxy in [0, 1]."""
+    x0, y0, x1, y1 = spec["objects"][spec["target"]]["box"]
+    return [x0 / IMAGE_SIZE, y0 / IMAGE_SIZE, x1 / IMAGE_SIZE, y1 / IMAGE_SIZE]
+
+
+# ---------------------------------------------------------------------------
+# Registry and split generation
+
+
+@dataclass(frozen=True)
+class SynthTaskSpec:
+    name: str
+    capability: str
+    generate: Callable[[random.Random], tuple]
+    draw: Callable[[dict, Painter], Image.Image]
+
+    def render(self, spec: dict) -> Image.Image:
+        return self.draw(spec, Painter("rgb"))
+
+    def render_labels(self, spec: dict) -> Tuple[Image.Image, Image.Image]:
+        """Per-pixel part ids and colour ids (mode "L" images) of the rendered scene."""
+        return self.draw(spec, Painter("part")), self.draw(spec, Painter("color"))
+
+
+TASKS: Dict[str, SynthTaskSpec] = {
+    spec.name: spec
+    for spec in (
+        SynthTaskSpec("synth_vqa", "vqa", _gen_vqa, _draw_objects),
+        SynthTaskSpec("synth_geometry", "geometry", _gen_geometry, _draw_geometry),
+        SynthTaskSpec("synth_chart", "chart", _gen_chart, _draw_chart),
+        SynthTaskSpec("synth_ocr", "ocr", _gen_ocr, _draw_ocr),
+        SynthTaskSpec("synth_grounding", "grounding", _gen_grounding, _draw_objects),
+    )
+}
+CAPABILITIES = {spec.capability: name for name, spec in TASKS.items()}
+
+
+def make_item(task: str, split: str, seed: int, index: int) -> SynthItem:
+    spec, question, answer, kind = TASKS[task].generate(_rng(task, split, seed, index))
+    return SynthItem(task=task, split=split, index=index, question=question, answers=(answer,),
+                     question_type=kind, spec=spec)
+
+
+def eval_items(task: str, split: str, limit: Optional[int] = None) -> List[SynthItem]:
+    """The frozen ``val`` or ``test`` split of ``task`` (``limit`` takes a prefix)."""
+    if task not in TASKS:
+        raise KeyError(f"unknown synthetic task {task!r}; known: {', '.join(TASKS)}")
+    if split not in EVAL_SPLIT_SEEDS:
+        raise ValueError(f"synthetic eval split must be one of {sorted(EVAL_SPLIT_SEEDS)}, got {split!r}")
+    size = EVAL_SPLIT_SIZE if limit is None else min(limit, EVAL_SPLIT_SIZE)
+    return [make_item(task, split, EVAL_SPLIT_SEEDS[split], i) for i in range(size)]
+
+
+_EVAL_KEYS: Dict[str, frozenset] = {}
+
+
+def _eval_keys(task: str) -> frozenset:
+    if task not in _EVAL_KEYS:
+        _EVAL_KEYS[task] = frozenset(item.key() for split in EVAL_SPLIT_SEEDS for item in eval_items(task, split))
+    return _EVAL_KEYS[task]
+
+
+def train_items(task: str, seed: int, count: int, start: int = 0) -> Iterator[SynthItem]:
+    """``count`` training items from the family seed, never equal to a frozen eval item."""
+    excluded = _eval_keys(task)
+    index, produced = start, 0
+    while produced < count:
+        item = make_item(task, "train", seed, index)
+        index += 1
+        if item.key() in excluded:
+            continue
+        produced += 1
+        yield item
+
+
+def split_fingerprint(task: str, split: str, limit: int = EVAL_SPLIT_SIZE) -> str:
+    """sha256 over the questions, answers and rendered pixels of a frozen split."""
+    digest = hashlib.sha256()
+    for item in eval_items(task, split, limit):
+        digest.update(item.question.encode())
+        digest.update("\x00".join(item.answers).encode())
+        digest.update(item.image().tobytes())
+    return digest.hexdigest()
