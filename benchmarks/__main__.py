@@ -1,0 +1,61 @@
+"""``python -m benchmarks {kernels,merge,scores,report,all} [--device cpu|cuda] [--quick]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return device
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("section", choices=["kernels", "merge", "scores", "report", "all"])
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and checkpoints (a smoke run, minutes)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where synthetic checkpoints go (default: a temp dir)")
+    parser.add_argument("--output", type=Path, default=None, help="RESULTS.md path (default: benchmarks/RESULTS.md)")
+    parser.add_argument(
+        "--experts", type=str, default=None, help="comma-separated N for the kernel sweep (default: 2..8, CPU: 2,5,8 on the 18944 shapes)"
+    )
+    parser.add_argument("--resume", action="store_true", help="kernels: keep saved entries, measure the missing ones")
+    parser.add_argument("--no-report", action="store_true", help="only measure and save JSON")
+    args = parser.parse_args(argv)
+    device = _device(args.device)
+
+    if args.section in ("kernels", "all"):
+        from benchmarks import kernels
+
+        plan = None
+        if args.experts:
+            counts = [int(x) for x in args.experts.split(",")]
+            plan = [(label, shape, n) for label, shape in kernels.SHAPES.items() for n in counts]
+        kernels.run(device, quick=args.quick, plan=plan, resume=args.resume)
+    if args.section in ("merge", "all"):
+        from benchmarks import whole_merge
+
+        whole_merge.run(device, quick=args.quick, workdir=args.workdir)
+    if args.section in ("scores", "all"):
+        from benchmarks import scores
+
+        scores.run(device, quick=args.quick, workdir=args.workdir)
+    if not args.no_report:
+        from benchmarks import report
+
+        path = report.write(output=args.output, include_quick=args.quick)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The benchmark harness measures what it says (no timing assertions here)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from benchmarks import kernels, report, whole_merge
+from benchmarks.baselines import autograd_descent, padded_projectors
+from benchmarks.common import GIB, save_json
+from mergekit_mllm.ops.interference import optmerge_problem, reference_interference_descent, wudi_problem
+
+
+def vectors(shape=(14, 9), experts=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return 0.1 * torch.randn((experts, *shape), generator=generator, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("shape", [(14, 9), (9, 14)])
+def test_autograd_baseline_is_the_same_iteration_as_the_reference(shape):
+    # The baseline we time is the objective's own autograd iteration: expert
+    # by expert backward and the authors' zero-padded projectors change
+    # neither the loss nor the iterates.
+    tv = vectors(shape)
+    for problem, settings in (
+        (wudi_problem(tv), dict(optimizer="adam", lr=1e-3, iterations=20)),
+        (optmerge_problem(tv, variant="lora", rank_fraction=1 / 3), dict(optimizer="sgd", lr=1e-1, iterations=20, momentum=0.9)),
+        (optmerge_problem(tv, variant="full", rank_fraction=1 / 3), dict(optimizer="adam", lr=1e-3, iterations=20)),
+    ):
+        expected = reference_interference_descent(problem, **settings)
+        padded = padded_projectors(problem)
+        assert all(p.shape == tv.shape[1:] for p in padded.projectors)
+        torch.testing.assert_close(padded.loss(problem.init), problem.loss(problem.init), rtol=1e-12, atol=0)
+        torch.testing.assert_close(autograd_descent(problem, **settings), expected, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(autograd_descent(padded, **settings), expected, rtol=1e-10, atol=1e-13)
+
+
+def test_kernel_measurement_records_every_method():
+    results = kernels.measure((12, 8), 2, torch.device("cpu"), throughput=1e9, budget=60.0, log=lambda _: None)
+    expected = {
+        "task_arithmetic", "weight_average", "ties_merging", "dare_task_arithmetic",
+        "wudi.ours", "wudi.autograd", "optmerge_lora.problem", "optmerge_lora.ours",
+        "optmerge_lora.ours_gram_steps", "optmerge_lora.autograd_unpadded", "optmerge_lora.autograd",
+        "optmerge_exact", "optmerge_full.problem", "optmerge_full.ours", "optmerge_full.autograd",
+        "swudi", "aswudi", "wudi_exact",
+    }
+    assert set(results) == expected
+    for name, result in results.items():
+        assert result["seconds"] > 0, name
+    for name in ("wudi.ours", "optmerge_full.ours", "wudi.autograd"):
+        extrapolated = results[name]
+        assert extrapolated["extrapolated"] and extrapolated["timed_iterations"] >= 1
+        assert extrapolated["seconds"] >= kernels.ITERATIONS * extrapolated["per_iteration"]
+    # an over-budget baseline is skipped, with its estimate
+    skipped = kernels._time_autograd_steps(
+        wudi_problem(vectors().float()), "adam", 1e-5, 0.0, torch.device("cpu"), budget=1e-9, throughput=1.0
+    )
+    assert "skipped" in skipped
+
+
+def test_cpu_plan_puts_the_headline_first_and_covers_n_5_for_every_shape():
+    plan = kernels.default_plan(torch.device("cpu"))
+    assert (plan[0][1], plan[0][2]) == kernels.TARGET
+    assert {shape for _, shape, n in plan[:4] if n == 5} == set(kernels.SHAPES.values())
+    gpu_plan = kernels.default_plan(torch.device("cuda"))
+    assert {n for _, _, n in gpu_plan} == set(range(2, 9)) and len(gpu_plan) == 4 * 7
+
+
+def test_child_peak_rss_is_per_child(tmp_path):
+    # Each merge gets its own peak: RUSAGE_CHILDREN of this process would report
+    # the largest child so far for every later one, and a child forked from
+    # this (large) process would inherit its high-water mark.
+    ballast = bytearray(300 * 2**20)
+    ballast[::4096] = b"1" * len(ballast[::4096])
+    allocate = "import time; x = bytearray({size}); x[::4096] = b'1' * len(x[::4096]); time.sleep(0.1)"
+    big = whole_merge.run_child([sys.executable, "-c", allocate.format(size=400 * 2**20)], tmp_path / "big.log")
+    small = whole_merge.run_child([sys.executable, "-c", allocate.format(size=10 * 2**20)], tmp_path / "small.log")
+    assert big["returncode"] == 0 and small["returncode"] == 0
+    assert big["peak_rss_bytes"] >= 400 * 2**20
+    assert small["peak_rss_bytes"] < 100 * 2**20
+    del ballast
+
+
+def test_synthetic_checkpoint_and_its_largest_tensor(tmp_path):
+    family = whole_merge.build_family(whole_merge.QUICK, tmp_path, experts=2)
+    name, nbytes = whole_merge.largest_tensor_bytes(family["base"])
+    spec = whole_merge.QUICK
+    assert name in ("model.embed_tokens.weight", "lm_head.weight")
+    assert nbytes == spec.vocab * spec.hidden * 2  # bfloat16
+    from mergekit_mllm.testing import state_dict
+
+    base, expert = state_dict(family["base"]), state_dict(family["experts"][0])
+    assert base.keys() == expert.keys()
+    assert not torch.equal(base["model.layers.0.mlp.up_proj.weight"], expert["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_report_renders_saved_results(tmp_path):
+    entry = {"label": "gate_proj, up_proj", "shape": [18944, 3584], "experts": 5, "results": {}}
+    for key in ("wudi.ours", "optmerge_full.ours", "optmerge_lora.ours_gram_steps"):
+        entry["results"][key] = {"seconds": 30.0, "per_iteration": 0.1, "setup": 0.0, "extrapolated": True}
+    for key in ("wudi.autograd", "optmerge_lora.autograd", "optmerge_full.autograd", "optmerge_lora.autograd_unpadded"):
+        entry["results"][key] = {"seconds": 300.0, "per_iteration": 1.0, "extrapolated": True}
+    entry["results"]["optmerge_lora.ours"] = {"seconds": 3.0, "per_iteration": 0.01, "extrapolated": False}
+    entry["results"]["task_arithmetic"] = {"seconds": 1.0, "extrapolated": False}
+    entry["results"]["swudi"] = {"skipped": "eigendecomposition too large"}
+    environment = {"device": "cpu", "torch": "x", "cpu_count": 2, "torch_threads": 2, "started": "now",
+                   "load_average_at_start": [1.0, 1.0, 1.0], "cpu_model": "test"}
+    save_json("kernels_cpu", {"section": "kernels", "environment": environment, "entries": [entry]}, tmp_path)
+    save_json("merge_cpu", {
+        "section": "merge", "environment": environment, "experts": 5,
+        "checkpoints": {"streaming": {"spec": {"layers": 2, "hidden": 8, "intermediate": 16, "vocab": 10, "dtype": "bfloat16"},
+                                      "model_bytes": GIB, "largest_tensor": "lm_head.weight",
+                                      "largest_tensor_bytes": 2**20, "rss_bound_bytes": 2 * GIB}},
+        "runs": [
+            {"method": "task_arithmetic", "label": "task_arithmetic", "checkpoint": "streaming", "out_shard_size": None,
+             "seconds": 10.0, "peak_rss_bytes": GIB, "within_rss_bound": True, "returncode": 0},
+            {"method": "weight_average", "label": "weight_average", "checkpoint": "streaming", "out_shard_size": None,
+             "seconds": 12.0, "peak_rss_bytes": 3 * GIB, "within_rss_bound": False, "returncode": 0},
+        ],
+    }, tmp_path)
+    out = report.write(tmp_path / "RESULTS.md", results_dir=tmp_path)
+    text = out.read_text()
+    assert "| WUDI: Gram-form Adam step vs autograd step | 100 ms | 1.0 s | 10.0× ✅ | ≥ 10× |" in text
+    assert "100.0×" in text  # spectral ÷ 300 against the autograd step
+    assert "| weight_average | 12.0 s | 1.2× | 3.00 GiB | **no** | 0 |" in text
+    assert "skipped" in text and "No GPU was lent" in text
+    assert (tmp_path / "kernels_cpu.png").exists() and (tmp_path / "merge_cpu.png").exists()
