@@ -43,6 +43,7 @@ from eval_suite.synth.tasks import (
     PARTS,
     SYNTH_VERSION,
     TASKS,
+    VALUE_CLASSES,
     SynthItem,
     train_items,
 )
@@ -67,10 +68,12 @@ class FamilySize:
     vision_batch: int = 64
     batch: int = 32
     vision_lr: float = 2e-3
-    base_lr: float = 1e-3
-    expert_lr: float = 2e-4
+    base_lr: float = 2e-3
+    expert_lr: float = 5e-4
     warmup: int = 50
-    patch_size: int = 16
+    patch_size: int = 8
+    #: the vision tower stays frozen after its pretraining (LLaVA-style instruction tuning)
+    tune_vision: bool = False
 
     @property
     def num_image_tokens(self) -> int:
@@ -186,53 +189,75 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return warm * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
 
 
+#: label heads of the vision pretraining: name → number of classes
+LABEL_HEADS = {"part": len(PARTS), "color": len(COLOR_CLASSES), "value": VALUE_CLASSES, "center": 2}
+
+
+def scene_targets(item: SynthItem) -> Dict[str, torch.Tensor]:
+    """Per 4-px cell targets of every label head for one item."""
+    maps = TASKS[item.task].render_labels(item.spec)
+    targets = {name: _cell_labels(maps[name], classes) for name, classes in LABEL_HEADS.items() if name != "center"}
+    center = torch.from_numpy(np.asarray(maps["center"], dtype=np.int64))
+    cells = IMAGE_SIZE // LABEL_CELL
+    targets["center"] = center.view(cells, LABEL_CELL, cells, LABEL_CELL).amax(dim=(1, 3)).clamp(max=1)
+    return targets
+
+
 def pretrain_vision(model, size: FamilySize, seed: int, log: Callable[[str], None]) -> Dict[str, float]:
-    """Stage 1: dense part/colour labels for every 4-px cell, from the vision tower's patch tokens."""
+    """Stage 1: dense scene labels of every 4-px cell, predicted from the vision tower's patch tokens."""
     torch.manual_seed(seed)
     tower = model.model.vision_tower
     per_patch = size.patch_size // LABEL_CELL
-    head = torch.nn.Linear(size.vision_hidden, per_patch * per_patch * (len(PARTS) + len(COLOR_CLASSES)))
+    total_classes = sum(LABEL_HEADS.values())
+    head = torch.nn.Linear(size.vision_hidden, per_patch * per_patch * total_classes)
     params = list(tower.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=size.vision_lr, weight_decay=0.0)
     stream = _mixed_stream(list(TASKS), seed, stream=0)
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    encoder_mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+    encoder_std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
     grid = IMAGE_SIZE // size.patch_size
+    cells = grid * per_patch
     accuracy = 0.0
+    tower.train()
     for step in range(size.vision_steps):
         for group in optimizer.param_groups:
             group["lr"] = size.vision_lr * _schedule(step, size.vision_steps, size.warmup)
         items = [next(stream) for _ in range(size.vision_batch)]
-        pixels, parts, colors = [], [], []
-        for item in items:
-            pixels.append((torch.from_numpy(np.asarray(item.image(), dtype=np.float32) / 255.0).permute(2, 0, 1) - mean) / std)
-            part_map, color_map = TASKS[item.task].render_labels(item.spec)
-            parts.append(_cell_labels(part_map, len(PARTS)))
-            colors.append(_cell_labels(color_map, len(COLOR_CLASSES)))
-        hidden = tower(torch.stack(pixels), output_hidden_states=True).hidden_states[model.config.vision_feature_layer][:, 1:]
-        logits = head(hidden).view(len(items), grid, grid, per_patch, per_patch, -1)
-        logits = logits.permute(0, 1, 3, 2, 4, 5).reshape(len(items), grid * per_patch, grid * per_patch, -1)
-        part_logits, color_logits = logits[..., : len(PARTS)], logits[..., len(PARTS):]
-        part_target, color_target = torch.stack(parts), torch.stack(colors)
-        loss = torch.nn.functional.cross_entropy(part_logits.reshape(-1, len(PARTS)), part_target.reshape(-1)) + \
-            torch.nn.functional.cross_entropy(color_logits.reshape(-1, len(COLOR_CLASSES)), color_target.reshape(-1))
+        pixels = torch.stack([
+            (torch.from_numpy(np.asarray(item.image(), dtype=np.float32) / 255.0).permute(2, 0, 1) - encoder_mean) / encoder_std
+            for item in items
+        ])
+        targets = [scene_targets(item) for item in items]
+        hidden = tower(pixels, output_hidden_states=True).hidden_states[model.config.vision_feature_layer][:, 1:]
+        logits = head(hidden).view(len(items), grid, grid, per_patch, per_patch, total_classes)
+        logits = logits.permute(0, 1, 3, 2, 4, 5).reshape(len(items), cells, cells, total_classes)
+        loss = torch.zeros(())
+        offset = 0
+        for name, classes in LABEL_HEADS.items():
+            target = torch.stack([t[name] for t in targets])
+            head_logits = logits[..., offset: offset + classes]
+            loss = loss + torch.nn.functional.cross_entropy(head_logits.reshape(-1, classes), target.reshape(-1))
+            if name == "part":
+                foreground = target > 0
+                accuracy = (head_logits.argmax(-1) == target)[foreground].float().mean().item()
+            offset += classes
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        foreground = part_target > 0
-        if foreground.any():
-            accuracy = (part_logits.argmax(-1) == part_target)[foreground].float().mean().item()
         if step % 100 == 0 or step == size.vision_steps - 1:
             log(f"  vision step {step}: loss {loss.item():.3f}, foreground part accuracy {accuracy:.3f}")
-    return {"vision_part_accuracy": accuracy}
+    tower.eval()
+    return {"vision_part_accuracy": round(accuracy, 4)}
 
 
 def train_answers(model, encoder: Encoder, stream: Iterator[SynthItem], *, steps: int, batch: int, lr: float,
-                  warmup: int, seed: int, log: Callable[[str], None], label: str) -> float:
+                  warmup: int, seed: int, log: Callable[[str], None], label: str, tune_vision: bool = False) -> float:
     """Answer-token cross-entropy on items from ``stream`` (all components trained)."""
     torch.manual_seed(seed)
     model.train()
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(tune_vision or "vision_tower" not in name)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     loss_value = float("nan")
@@ -319,7 +344,8 @@ def _build(out: Path, size: FamilySize, seed: int, key: dict, log: Callable[[str
     log(f"[2/3] base: all five tasks ({size.base_steps} steps)")
     t0 = time.time()
     train_answers(model, encoder, _mixed_stream(list(TASKS), seed, stream=1), steps=size.base_steps,
-                  batch=size.batch, lr=size.base_lr, warmup=size.warmup, seed=seed + 1, log=log, label="base")
+                  batch=size.batch, lr=size.base_lr, warmup=size.warmup, seed=seed + 1, log=log, label="base",
+                  tune_vision=size.tune_vision)
     timings["base"] = time.time() - t0
     paths = family_paths(out)
     marker = {"synth_version": SYNTH_VERSION, "family_version": FAMILY_VERSION, "size": size.name, "seed": seed}
@@ -335,7 +361,7 @@ def _build(out: Path, size: FamilySize, seed: int, key: dict, log: Callable[[str
         task = CAPABILITIES[capability]
         train_answers(model, encoder, _mixed_stream([task], seed, stream=10 + index), steps=size.expert_steps,
                       batch=size.batch, lr=size.expert_lr, warmup=min(size.warmup, size.expert_steps // 5 + 1),
-                      seed=seed + 10 + index, log=log, label=capability)
+                      seed=seed + 10 + index, log=log, label=capability, tune_vision=size.tune_vision)
         model.set_attn_implementation("eager")
         _save(model, processor, paths[capability], {**marker, "role": f"expert:{capability}", "task": task})
         model.set_attn_implementation("sdpa")

@@ -109,7 +109,12 @@ def _separated(a, b, margin) -> bool:
 
 def _draw_object(draw: ImageDraw.ImageDraw, paint: "Painter", shape: str, color: str, box: Sequence[int]) -> None:
     x0, y0, x1, y1 = box
+    if paint.mode == "center":
+        draw.point([((x0 + x1) // 2, (y0 + y1) // 2)], fill=1)
+        return
     fill = paint(shape, color)
+    if fill is None:
+        return
     if shape == "circle":
         draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=fill)
     elif shape == "square":
@@ -134,10 +139,19 @@ GREY = (200, 200, 200)
 
 
 class Painter:
-    """Maps a drawn element (part, colour) to a fill: RGB for the image, class ids for label maps."""
+    """Maps a drawn element to a fill: RGB for the image, class ids for the label maps.
+
+    Label modes (images of mode "L"): ``part`` (what the pixel belongs to),
+    ``color``, ``value`` (the element's task quantity: a bar's value/10, a ray's
+    angle class, a segment's length, a rectangle's area, a character's position
+    in its string) and ``center`` (1 at object centres; used for counting).
+    ``None`` means "do not draw this element in this mode".
+    """
+
+    MODES = ("rgb", "part", "color", "value", "center")
 
     def __init__(self, mode: str):
-        if mode not in ("rgb", "part", "color"):
+        if mode not in self.MODES:
             raise ValueError(mode)
         self.mode = mode
 
@@ -149,16 +163,23 @@ class Painter:
     def background(self):
         return WHITE if self.mode == "rgb" else 0
 
-    def __call__(self, part: str, color: str):
+    def __call__(self, part: str, color: str, value: int = 0):
         if self.mode == "part":
             return PART_IDS[part]
         if self.mode == "color":
             return COLOR_IDS["ink" if color in INKS else color]
+        if self.mode == "value":
+            return value or None
+        if self.mode == "center":
+            return None
         if color in COLORS:
             return COLORS[color]
         if color in INKS:
             return INKS[color]
         return GREY if color == "grey" else BLACK
+
+
+VALUE_CLASSES = 17  # 0 = none; bars 1–9, angles 1–7, lengths 1–7, areas 1–16, string positions 1–5
 
 
 def _canvas(paint: Painter) -> Tuple[Image.Image, ImageDraw.ImageDraw]:
@@ -252,6 +273,8 @@ def _gen_geometry(rng: random.Random):
 
 def _draw_grid(draw: ImageDraw.ImageDraw, paint: Painter) -> None:
     fill = paint("grid", "grey")
+    if fill is None:
+        return
     for k in range(0, IMAGE_SIZE + 1, UNIT):
         edge = min(k, IMAGE_SIZE - 1)
         draw.line([(edge, 0), (edge, IMAGE_SIZE - 1)], fill=fill)
@@ -265,16 +288,22 @@ def _draw_geometry(spec: dict, paint: Painter) -> Image.Image:
         for arm, direction in zip(spec["arms"], (spec["start"], spec["start"] + spec["angle"])):
             radians = math.radians(direction)
             end = (round(vx + arm * math.cos(radians)), round(vy - arm * math.sin(radians)))
-            draw.line([(vx, vy), end], fill=paint("line", "black"), width=2)
+            fill = paint("line", "black", ANGLES.index(spec["angle"]) + 1)
+            if fill is not None:
+                draw.line([(vx, vy), end], fill=fill, width=2)
         return image
     _draw_grid(draw, paint)
     if spec["kind"] == "length":
         x, y = spec["start"]
         dx, dy = (spec["length"], 0) if spec["horizontal"] else (0, spec["length"])
-        draw.line([(x * UNIT, y * UNIT), ((x + dx) * UNIT, (y + dy) * UNIT)], fill=paint("line", "red"), width=3)
+        fill = paint("line", "red", spec["length"])
+        if fill is not None:
+            draw.line([(x * UNIT, y * UNIT), ((x + dx) * UNIT, (y + dy) * UNIT)], fill=fill, width=3)
         return image
     (x, y), (w, h) = spec["corner"], spec["size"]
-    draw.rectangle([x * UNIT + 1, y * UNIT + 1, (x + w) * UNIT - 1, (y + h) * UNIT - 1], fill=paint("rectangle", "blue"))
+    fill = paint("rectangle", "blue", w * h)
+    if fill is not None:
+        draw.rectangle([x * UNIT + 1, y * UNIT + 1, (x + w) * UNIT - 1, (y + h) * UNIT - 1], fill=fill)
     return image
 
 
@@ -282,13 +311,14 @@ def _draw_geometry(spec: dict, paint: Painter) -> Image.Image:
 # synth_chart: values read off rendered bar charts (relaxed accuracy)
 
 CHART_BASELINE = 60
-CHART_SCALE = 0.5  # pixels per unit: values 10–99 give bars 5–49 px high
+CHART_SCALE = 0.4  # pixels per unit: values 10, 20, …, 90 give bars 4–36 px high, on the 4-px lattice
+BAR_PITCH, BAR_WIDTH = 12, 8
 
 
 def _gen_chart(rng: random.Random):
     count = rng.randint(3, 5)
     colors = rng.sample(list(COLORS), count)
-    values = rng.sample(range(10, 100), count)
+    values = rng.sample(range(10, 100, 10), count)
     spec = {"colors": colors, "values": values}
     kind = rng.choices(["value", "max", "min"], weights=[6, 2, 2])[0]
     if kind == "value":
@@ -302,16 +332,18 @@ def _gen_chart(rng: random.Random):
 def _draw_chart(spec: dict, paint: Painter) -> Image.Image:
     image, draw = _canvas(paint)
     axis = paint("axis", "black")
-    draw.line([(4, 8), (4, CHART_BASELINE)], fill=axis)
-    draw.line([(4, CHART_BASELINE), (IMAGE_SIZE - 2, CHART_BASELINE)], fill=axis)
-    for tick in (0, 50, 100):
-        y = CHART_BASELINE - round(tick * CHART_SCALE)
-        draw.line([(2, y), (4, y)], fill=axis)
-    slot = (IMAGE_SIZE - 8) // len(spec["values"])
+    if axis is not None:
+        draw.line([(2, 16), (2, CHART_BASELINE)], fill=axis)
+        draw.line([(2, CHART_BASELINE), (IMAGE_SIZE - 1, CHART_BASELINE)], fill=axis)
+        for tick in (0, 50, 100):
+            y = CHART_BASELINE - round(tick * CHART_SCALE)
+            draw.line([(0, y), (2, y)], fill=axis)
     for i, (color, value) in enumerate(zip(spec["colors"], spec["values"])):
-        x0 = 7 + i * slot
+        x0 = 4 + i * BAR_PITCH
         top = CHART_BASELINE - round(value * CHART_SCALE)
-        draw.rectangle([x0, top, x0 + slot - 4, CHART_BASELINE - 1], fill=paint("bar", color))
+        fill = paint("bar", color, value // 10)
+        if fill is not None:
+            draw.rectangle([x0, top, x0 + BAR_WIDTH - 1, CHART_BASELINE - 1], fill=fill)
     return image
 
 
@@ -325,7 +357,8 @@ def _gen_ocr(rng: random.Random):
     width, height = text_size(text, scale=2, spacing=1)
     spec = {
         "text": text,
-        "xy": [rng.randint(0, IMAGE_SIZE - width), rng.randint(0, IMAGE_SIZE - height)],
+        # on the 4-px lattice: each character (12-px pitch) covers exactly three 4-px columns
+        "xy": [rng.randrange(0, IMAGE_SIZE - width + 1, 4), rng.randrange(0, IMAGE_SIZE - height + 1, 4)],
         "ink": rng.choice(list(INKS)),
     }
     return spec, "what is the text in the image?", text, "read"
@@ -336,7 +369,9 @@ def _draw_ocr(spec: dict, paint: Painter) -> Image.Image:
     x, y = spec["xy"]
     for position, char in enumerate(spec["text"]):
         left = x + position * (GLYPH_WIDTH + 1) * 2
-        draw_text(draw, (left, y), char, fill=paint(f"char_{char}", spec["ink"]), scale=2, spacing=1)
+        fill = paint(f"char_{char}", spec["ink"], position + 1)
+        if fill is not None:
+            draw_text(draw, (left, y), char, fill=fill, scale=2, spacing=1)
     return image
 
 
@@ -384,9 +419,9 @@ class SynthTaskSpec:
     def render(self, spec: dict) -> Image.Image:
         return self.draw(spec, Painter("rgb"))
 
-    def render_labels(self, spec: dict) -> Tuple[Image.Image, Image.Image]:
-        """Per-pixel part ids and colour ids (mode "L" images) of the rendered scene."""
-        return self.draw(spec, Painter("part")), self.draw(spec, Painter("color"))
+    def render_labels(self, spec: dict) -> Dict[str, Image.Image]:
+        """Per-pixel label maps (mode "L" images) for every label mode of :class:`Painter`."""
+        return {mode: self.draw(spec, Painter(mode)) for mode in Painter.MODES[1:]}
 
 
 TASKS: Dict[str, SynthTaskSpec] = {
