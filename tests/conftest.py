@@ -35,11 +35,16 @@ class FreshEnv:
             [self.python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
         ).strip()
         self.site_packages = Path(site)
-        (self.site_packages / "zz_borrowed_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        # Install before borrowing: otherwise pip sees the test environment's own
+        # mergekit-mllm of the same version and installs nothing.
         subprocess.run(
-            [sys.executable, "-m", "pip", "--python", self.python, "install", "-q", "--no-deps", str(wheel)],
+            [sys.executable, "-m", "pip", "--python", self.python, "install", "-q", "--no-deps",
+             "--ignore-installed", str(wheel)],
             check=True,
         )
+        (self.site_packages / "zz_borrowed_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        installed = sorted(p.name for p in self.site_packages.iterdir())
+        assert "mergekit_mllm.pth" in installed and "_mergekit_mllm_hook.py" in installed, installed
         self.scripts = Path(sysconfig.get_paths()["scripts"])
 
     def run(self, args, **kwargs):
