@@ -7,9 +7,13 @@ stacked factors, obtained exactly from QR decompositions of the two factors
 and the SVD of the small core between them (:func:`low_rank_svd`): cost
 O((m + n)·r²) instead of O(m·n·min(m, n)), and no dense SVD at all.
 
-The kernels take a list of :class:`LowRank` task vectors (already scaled by
-the per-model weights) with the same keyword arguments as their dense
-counterparts in :mod:`mergekit_mllm.ops` and return the dense merged τ_m.
+The kernels (:data:`LOW_RANK_KERNELS`: TSV, Iso-C, Iso-CTS, WUDI, OptMerge
+and the exact minimisers of WUDI/OptMerge) take a list of :class:`LowRank`
+task vectors (already scaled by the per-model weights) with the same keyword
+arguments as their dense counterparts in :mod:`mergekit_mllm.ops` and return
+the dense merged τ_m. WUDI and OptMerge use thin input projectors (rᵢ rows
+instead of m, the same objective), so the Gram/factor machinery of
+:mod:`~mergekit_mllm.ops.interference` works on a Σrᵢ-wide factor.
 
 Where the dense method is well defined they give its answer (to float
 rounding). Where it is not — TSV with k above an expert's rank, Iso-C and
@@ -141,7 +145,7 @@ def iso_c(task_vectors: Sequence[LowRank]) -> torch.Tensor:
     u, s, vh = low_rank_svd(low_rank_sum(task_vectors))
     if s.numel() == 0:
         return _zeros(task_vectors)
-    return _isotropic(u, s, vh, min(task_vectors[0].shape))
+    return (u * (s.sum() / min(task_vectors[0].shape))) @ vh  # U, Vᵀ are their own polar factors
 
 
 def iso_cts(task_vectors: Sequence[LowRank], *, common_space_fraction: float) -> torch.Tensor:
