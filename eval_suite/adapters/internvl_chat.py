@@ -17,6 +17,8 @@ import torch
 from eval_suite.adapters.base import Adapter, AdapterError, Generation, Request
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+# InternVL2.5's default system message (its "internvl2_5" conversation template)
+INTERNVL_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
@@ -77,11 +79,18 @@ class InternVLChatAdapter(Adapter):
             self.model = AutoModel.from_pretrained(
                 self.model_path, dtype=self.dtype, trust_remote_code=True, attn_implementation=self.attn_implementation,
             )
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=True, use_fast=False)
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=True, use_fast=False)
+            except (OSError, ValueError):  # checkpoints that ship only a fast tokenizer
+                self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=True)
         except (OSError, ValueError, ImportError) as exc:
             raise AdapterError(f"internvl_chat: cannot load {self.model_path} with trust_remote_code: {exc}") from exc
         self.model.to(self.device).eval()
-        self.image_size = int(self.config.get("force_image_size") or self.config.get("vision_config", {}).get("image_size", 448))
+        vision = self.config.get("vision_config", {})
+        self.image_size = int(self.config.get("force_image_size") or vision.get("image_size", 448))
+        patch = int(vision.get("patch_size", 14))
+        ratio = float(self.config.get("downsample_ratio", 0.5))
+        self.num_image_token = int(getattr(self.model, "num_image_token", 0) or (self.image_size // patch) ** 2 * ratio ** 2)
 
     def _generate_batch(self, requests: Sequence[Request]) -> List[Generation]:
         pixel_values, num_patches = [], []
@@ -93,6 +102,31 @@ class InternVLChatAdapter(Adapter):
         questions = ["<image>\n" + r.prompt for r in requests]
         config = {"max_new_tokens": max(r.max_new_tokens for r in requests), "do_sample": False}
         with torch.inference_mode():
-            answers = self.model.batch_chat(self.tokenizer, pixels, num_patches_list=num_patches,
-                                            questions=questions, generation_config=config)
+            if hasattr(self.model, "batch_chat"):  # the checkpoint's own code path (VLMEvalKit uses it)
+                answers = self.model.batch_chat(self.tokenizer, pixels, num_patches_list=num_patches,
+                                                questions=questions, generation_config=config)
+            else:
+                answers = self._batch_chat(pixels, num_patches, questions, config)
         return [Generation(str(answer).strip()) for answer in answers]
+
+    def _batch_chat(self, pixels, num_patches, questions, config) -> List[str]:
+        """InternVL's ``batch_chat`` steps, for remote code that lacks it: the internvl2_5 (MPT)
+        template, ``<img><IMG_CONTEXT>×n</img>`` in place of ``<image>``, left padding, greedy."""
+        context = "<IMG_CONTEXT>"
+        self.model.img_context_token_id = self.tokenizer.convert_tokens_to_ids(context)
+        queries = []
+        for question, patches in zip(questions, num_patches):
+            query = (f"<|im_start|>system\n{INTERNVL_SYSTEM}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
+                     "<|im_start|>assistant\n")
+            queries.append(query.replace("<image>", "<img>" + context * self.num_image_token * patches + "</img>", 1))
+        self.tokenizer.padding_side = "left"
+        inputs = self.tokenizer(queries, return_tensors="pt", padding=True).to(self.device)
+        eos = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        output = self.model.generate(pixel_values=pixels, input_ids=inputs["input_ids"],
+                                     attention_mask=inputs["attention_mask"], eos_token_id=eos,
+                                     pad_token_id=self.tokenizer.pad_token_id, **config)
+        prompt_length = inputs["input_ids"].shape[1]
+        if output.shape[1] > prompt_length and torch.equal(output[:, :prompt_length], inputs["input_ids"]):
+            output = output[:, prompt_length:]  # remote code built on input_ids returns the prompt too
+        texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
+        return [text.split("<|im_end|>")[0].strip() for text in texts]
