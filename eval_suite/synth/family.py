@@ -3,7 +3,7 @@
 ``build_family(out, size, seed)`` writes ``out/base`` and
 ``out/experts/{vqa,geometry,chart,ocr,grounding}`` as stock
 ``LlavaForConditionalGeneration`` checkpoints (CLIP vision tower →
-``multi_modal_projector`` → Qwen2 language model) with a ``LlavaProcessor``, so
+``multi_modal_projector`` → Llama language model, the LLaVA-1.5 layout) with a ``LlavaProcessor``, so
 ``AutoModelForImageTextToText`` / ``AutoProcessor`` load them and mergekit sees
 three distinct components.
 
@@ -93,14 +93,15 @@ SIZES: Dict[str, FamilySize] = {
 
 
 def build_model(size: FamilySize, tokenizer) -> "torch.nn.Module":
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(
         hidden_size=size.vision_hidden, intermediate_size=2 * size.vision_hidden,
         num_hidden_layers=size.vision_layers, num_attention_heads=4, image_size=IMAGE_SIZE,
         patch_size=size.patch_size, projection_dim=size.vision_hidden,
     )
-    text = Qwen2Config(
+    # A Llama decoder, as in LLaVA-1.5 (Vicuna): the layout mergekit_mllm's llava definition covers.
+    text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=size.text_hidden, intermediate_size=2 * size.text_hidden,
         num_hidden_layers=size.text_layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=256, tie_word_embeddings=False,

@@ -1,0 +1,193 @@
+"""The synthetic benchmark: deterministic frozen splits, tokenizer round trips, the family
+builder (smoke size: seconds), its cache, and the end-to-end CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from eval_suite.synth import tasks as synth
+from eval_suite.synth.family import EXPERTS, build_family, family_paths, scene_targets
+
+
+def test_eval_splits_are_deterministic_and_distinct():
+    for task in synth.TASKS:
+        first = synth.eval_items(task, "val", 20)
+        again = synth.eval_items(task, "val", 20)
+        assert [(i.question, i.answers, i.spec) for i in first] == [(i.question, i.answers, i.spec) for i in again]
+        assert first[0].image().tobytes() == again[0].image().tobytes()
+        test = synth.eval_items(task, "test", 20)
+        assert [i.key() for i in first] != [i.key() for i in test]
+
+
+def test_train_items_never_repeat_an_eval_item():
+    for task in synth.TASKS:
+        excluded = {i.key() for split in ("val", "test") for i in synth.eval_items(task, split)}
+        assert not any(item.key() in excluded for item in synth.train_items(task, seed=0, count=300))
+
+
+def test_unknown_task_and_split():
+    with pytest.raises(KeyError, match="unknown synthetic task"):
+        synth.eval_items("synth_nope", "val")
+    with pytest.raises(ValueError, match="split must be one of"):
+        synth.eval_items("synth_vqa", "train")
+
+
+def test_answers_match_the_rendered_scene():
+    chart = next(i for i in synth.eval_items("synth_chart", "val", 50) if i.question_type == "value")
+    color = chart.question.split("of the ")[1].split(" bar")[0]
+    value = chart.spec["values"][chart.spec["colors"].index(color)]
+    assert chart.answers == (str(value),)
+    image = chart.image()
+    column = 4 + chart.spec["colors"].index(color) * synth.BAR_PITCH + 2
+    bar_pixels = sum(image.getpixel((column, y)) == synth.COLORS[color] for y in range(synth.IMAGE_SIZE))
+    assert bar_pixels == round(value * synth.CHART_SCALE)
+    box = next(iter(synth.eval_items("synth_grounding", "val", 1)))
+    x0, y0, x1, y1 = box.spec["objects"][box.spec["target"]]["box"]
+    assert box.answers[0] == f"({x0 * 1000 // 64},{y0 * 1000 // 64}),({x1 * 1000 // 64},{y1 * 1000 // 64})"
+    assert synth.format_box_qwen2_vl([16, 32, 48, 64]) == "(250,500),(750,1000)"
+
+
+def test_frozen_splits_fingerprints():
+    """The val/test splits are frozen: changing a generator or renderer must bump SYNTH_VERSION."""
+    from pathlib import Path
+
+    frozen = json.loads((Path(synth.__file__).parent / "frozen_splits.json").read_text())
+    assert frozen["synth_version"] == synth.SYNTH_VERSION
+    for task in synth.TASKS:
+        for split in ("val", "test"):
+            assert synth.split_fingerprint(task, split, limit=50) == frozen["fingerprints_first_50"][task][split], (task, split)
+
+
+def test_tokenizer_round_trips_answers():
+    from eval_suite.synth.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    for task in synth.TASKS:
+        for item in synth.eval_items(task, "val", 30):
+            ids = tokenizer(" " + item.answers[0], add_special_tokens=False)["input_ids"]
+            assert tokenizer.unk_token_id not in ids
+            assert tokenizer.decode(ids) == item.answers[0]
+    assert tokenizer.tokenize(" blue") == ["\u2581blue"]  # whole words for question vocabulary
+
+
+def test_scene_targets_cover_every_head():
+    item = synth.eval_items("synth_chart", "val", 1)[0]
+    targets = scene_targets(item)
+    assert set(targets) == {"part", "color", "value", "center"}
+    cells = synth.IMAGE_SIZE // 4
+    assert all(t.shape == (cells, cells) for t in targets.values())
+    assert targets["value"].max().item() == max(item.spec["values"]) // 10
+
+
+@pytest.fixture(scope="module")
+def smoke_family(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth_family")
+    return out, build_family(out, "smoke", seed=0, log=lambda m: None)
+
+
+def test_family_layout_and_loading(smoke_family):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    out, manifest = smoke_family
+    paths = family_paths(out)
+    assert set(manifest["experts"]) == set(EXPERTS) == {"vqa", "geometry", "chart", "ocr", "grounding"}
+    model = AutoModelForImageTextToText.from_pretrained(paths["ocr"])
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert model.config.eval_suite_synth["role"] == "expert:ocr"
+    names = {n.split(".")[0] for n in model.state_dict()}
+    assert {"model", "lm_head"} <= names
+    processor = AutoProcessor.from_pretrained(paths["base"])
+    assert type(processor).__name__ == "LlavaProcessor"
+
+
+def test_family_is_deterministic_cached_and_seeded(smoke_family, tmp_path):
+    from eval_suite.synth.study import load_state
+
+    out, manifest = smoke_family
+    again = build_family(out, "smoke", seed=0, log=lambda m: None)
+    assert again == manifest  # cache hit: nothing rebuilt
+    rebuilt = tmp_path / "rebuilt"
+    build_family(rebuilt, "smoke", seed=0, log=lambda m: None)
+    other = tmp_path / "other"
+    build_family(other, "smoke", seed=1, log=lambda m: None)
+    a, b, c = (load_state(family_paths(d)["chart"]) for d in (out, rebuilt, other))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    base, expert = load_state(family_paths(out)["base"]), a
+    vision = [k for k in base if "vision_tower" in k]
+    assert vision and all(torch.equal(base[k], expert[k]) for k in vision)  # experts tune projector + LM
+    assert any(not torch.equal(base[k], expert[k]) for k in base if "language_model" in k)
+
+
+def test_training_inputs_match_the_processor(smoke_family):
+    from eval_suite.adapters import Request, load_adapter
+    from eval_suite.synth.family import SIZES, Encoder
+
+    out, _ = smoke_family
+    adapter = load_adapter(family_paths(out)["base"], progress=False)
+    item = synth.eval_items("synth_grounding", "val", 1)[0]
+    batch = Encoder(adapter.processor, SIZES["smoke"].num_image_tokens).batch([item])
+    inputs = adapter._inputs([Request(item.question, item.image(), 24)])
+    prompt_length = inputs["input_ids"].shape[1]
+    assert inputs["input_ids"][0].tolist() == batch["input_ids"][0, :prompt_length].tolist()
+    assert (batch["labels"][0, :prompt_length] == -100).all() and batch["labels"][0, prompt_length] != -100
+    assert torch.allclose(inputs["pixel_values"][0], batch["pixel_values"][0])
+
+
+def test_cli_run_writes_the_results_contract(smoke_family, tmp_path):
+    from eval_suite.results import load_results
+
+    out, _ = smoke_family
+    results = tmp_path / "results.json"
+    command = [sys.executable, "-m", "eval_suite", "run", "--model", str(out / "base"), "--tasks", "synth",
+               "--output", str(results), "--limit", "3", "--split", "val", "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    data = load_results(results)
+    assert list(data["tasks"]) == ["synth_vqa", "synth_geometry", "synth_chart", "synth_ocr", "synth_grounding"]
+    assert data["model"]["adapter"] == "synth" and data["model"]["name"] == "base"
+    chart = data["tasks"]["synth_chart"]
+    assert chart["metric"] == "relaxed_accuracy" and chart["num_items"] == 3 and chart["split"] == "val"
+    assert chart["dataset_id"] == "eval_suite/synth_chart" and chart["dataset_revision"] == f"synth-v{synth.SYNTH_VERSION}"
+    assert data["tasks"]["synth_ocr"]["metrics"].keys() >= {"exact_match", "anls"}
+    assert data["tasks"]["synth_grounding"]["metric"] == "acc_iou_0.5"
+
+
+def test_cli_errors_are_clear(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "eval_suite", *args], capture_output=True, text=True)
+
+    missing = run("run", "--model", str(tmp_path / "nope"), "--tasks", "synth", "--output", str(tmp_path / "r.json"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    unknown = run("run", "--model", str(tmp_path), "--tasks", "synth_vqa,bogus", "--output", str(tmp_path / "r.json"))
+    assert unknown.returncode == 2 and "unknown task 'bogus'" in unknown.stderr
+
+
+@pytest.mark.e2e
+def test_stock_mergekit_yaml_merges_the_family(smoke_family, tmp_path):
+    """Stock ``mergekit-yaml`` (with the plugin) merges the family; the output evaluates."""
+    import shutil
+
+    import yaml
+
+    out, manifest = smoke_family
+    executable = shutil.which("mergekit-yaml") or str(__import__("pathlib").Path(sys.executable).parent / "mergekit-yaml")
+    recipe = {"merge_method": "task_arithmetic", "base_model": manifest["base"],
+              "models": [{"model": p, "parameters": {"weight": 1.0}} for p in manifest["experts"].values()],
+              "parameters": {"lambda": 0.3}, "dtype": "float32"}
+    (tmp_path / "recipe.yml").write_text(yaml.safe_dump(recipe))
+    merged = tmp_path / "merged"
+    done = subprocess.run([executable, str(tmp_path / "recipe.yml"), str(merged)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from eval_suite.adapters import detect_adapter
+    from eval_suite.synth.study import load_state
+
+    assert detect_adapter(merged) == "synth"
+    base, merged_state = load_state(manifest["base"]), load_state(merged)
+    experts = [load_state(p) for p in manifest["experts"].values()]
+    name = next(k for k in base if k.endswith("layers.0.mlp.down_proj.weight"))
+    expected = base[name] + 0.3 * sum(e[name] - base[name] for e in experts)
+    assert torch.allclose(merged_state[name], expected, atol=1e-6)
