@@ -47,6 +47,33 @@ def current_rss_bytes() -> int:
     return 0
 
 
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def timed_with_peak_memory(function: Callable[[], Any], device: torch.device) -> Tuple[float, int]:
+    """Wall seconds of ``function()`` and the most memory it held beyond what was
+    resident before: device memory on CUDA; on CPU the RSS high-water mark
+    (reset through /proc/self/clear_refs, Linux ≥ 4.0) minus the RSS before."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        seconds, result = timed(function, device)
+        del result
+        return seconds, torch.cuda.max_memory_allocated(device) - before
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    before = _status_bytes("VmRSS")
+    seconds, result = timed(function, device)
+    del result
+    return seconds, max(0, _status_bytes("VmHWM") - before)
+
+
 def peak_rss_bytes_of_self() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 

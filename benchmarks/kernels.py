@@ -38,6 +38,7 @@ from benchmarks.common import (
     matmul_throughput,
     save_json,
     timed,
+    timed_with_peak_memory,
 )
 from mergekit_mllm.ops import closed_form
 from mergekit_mllm.ops.interference import (
@@ -156,6 +157,23 @@ def _time_once(function: Callable[[], Any], device, repeats: int = 1) -> Dict[st
     return {"seconds": seconds, "extrapolated": False}
 
 
+def _time_merge_tensors(inputs, method: str, parameters, device, repeats: int) -> Dict[str, Any]:
+    def call():
+        return merge_tensors(inputs, method, base_index=0, name="model.layers.0.mlp.up_proj.weight", parameters=parameters)
+
+    gc.collect()
+    runs = [timed_with_peak_memory(call, device) for _ in range(repeats)]
+    unit = inputs[0].numel() * inputs[0].element_size()
+    return {
+        "seconds": min(seconds for seconds, _ in runs),
+        "extrapolated": False,
+        "repeats": repeats,
+        "input_dtype": str(inputs[0].dtype),
+        "peak_extra_bytes": max(extra for _, extra in runs),
+        "peak_extra_tensors": max(extra for _, extra in runs) / unit,
+    }
+
+
 def _guard(name: str, function: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
     try:
         return function()
@@ -185,26 +203,18 @@ def measure(
             out[name] = _guard(name, function)
         gc.collect()
 
-    # Elementwise methods through mergekit's API (same adapter path as a merge).
-    experts_list = [base + tv for tv in vectors]
+    # Elementwise methods through mergekit's API (the adapter path of a merge),
+    # on bfloat16 inputs like real checkpoints; with the memory each call held
+    # beyond its inputs, in units of one input tensor.
+    inputs = [base.bfloat16()] + [(base + tv).bfloat16() for tv in vectors]
     for method, parameters in (
         ("task_arithmetic", {"weight": 1.0}),
         ("weight_average", {}),
         ("ties_merging", {}),
         ("dare_task_arithmetic", {}),
     ):
-        record(
-            method,
-            lambda method=method, parameters=parameters: _time_once(
-                lambda: merge_tensors(
-                    [base] + experts_list, method, base_index=0, name="model.layers.0.mlp.up_proj.weight",
-                    parameters=parameters,
-                ),
-                device,
-                repeats,
-            ),
-        )
-    del experts_list
+        record(method, lambda method=method, parameters=parameters: _time_merge_tensors(inputs, method, parameters, device, repeats))
+    del inputs
 
     # WUDI.
     wudi = wudi_problem(vectors)

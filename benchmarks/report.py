@@ -169,17 +169,22 @@ def _elementwise_kernel(data: Dict[str, Any]) -> List[str]:
     lines = [
         "",
         "Element-wise methods per matrix through `mergekit.merge_methods.api.merge_tensors` "
-        "(the same adapter path as a merge), relative to mergekit's `task_arithmetic` on the same inputs:",
+        "(the adapter path of a merge) on bfloat16 inputs: time (× mergekit's `task_arithmetic` on the same "
+        "inputs) and the peak memory held beyond the N + 1 inputs, in input-tensor units (the RSS target "
+        "allows 2):",
         "",
         "| shape | N | task_arithmetic | weight_average | ties_merging | dare_task_arithmetic |",
         "|---|---|---|---|---|---|",
     ]
     for entry in data["entries"]:
         ta = _value(entry, "task_arithmetic")
-        cells = [_fmt_seconds(ta)]
-        for method in ("weight_average", "ties_merging", "dare_task_arithmetic"):
+        cells = []
+        for method in ("task_arithmetic", "weight_average", "ties_merging", "dare_task_arithmetic"):
             value = _value(entry, method)
-            cells.append(f"{_fmt_seconds(value)} ({_fmt_ratio(value / ta if value and ta else None)})")
+            extra = _value(entry, method, "peak_extra_tensors")
+            memory = "" if extra is None else f", +{extra:.1f} tensors"
+            ratio = "" if method == "task_arithmetic" else f" ({_fmt_ratio(value / ta if value and ta else None)})"
+            cells.append(f"{_fmt_seconds(value)}{ratio}{memory}")
         lines.append(f"| {_shape(entry)} | {entry['experts']} | " + " | ".join(cells) + " |")
     return lines
 
@@ -232,21 +237,21 @@ def _merge_section(data: Dict[str, Any]) -> List[str]:
             f"task_arithmetic run on it ({_fmt_seconds(ta)}; all task_arithmetic runs: "
             f"{', '.join(_fmt_seconds(t) for t in ta_times)}).",
             "",
-            "| method | wall time | × task_arithmetic | peak RSS | within bound | exit |",
-            "|---|---|---|---|---|---|",
+            "| method | wall time | × task_arithmetic | peak anonymous RSS | within bound | peak total RSS (incl. mapped inputs) | exit |",
+            "|---|---|---|---|---|---|---|",
         ]
         for run in runs:
             ratio = run["seconds"] / ta if ta else None
             lines.append(
                 f"| {run['label']} | {_fmt_seconds(run['seconds'])} | {_fmt_ratio(ratio)} | "
-                f"{run['peak_rss_bytes'] / GIB:.2f} GiB | {'yes' if run['within_rss_bound'] else '**no**'} | "
-                f"{run['returncode']} |"
+                f"{run.get('peak_anon_bytes', 0) / GIB:.2f} GiB | {'yes' if run['within_rss_bound'] else '**no**'} | "
+                f"{run['peak_rss_bytes'] / GIB:.2f} GiB | {run['returncode']} |"
             )
     interpreter = data.get("interpreter")
     if interpreter:
         lines.append(
             f"\nFixed cost: a Python that only imports torch and mergekit peaks at "
-            f"{interpreter['peak_rss_bytes'] / GIB:.2f} GiB RSS."
+            f"{interpreter.get('peak_anon_bytes', 0) / GIB:.2f} GiB anonymous / {interpreter['peak_rss_bytes'] / GIB:.2f} GiB total RSS."
         )
     return lines
 
@@ -312,7 +317,8 @@ def _plot_merge(data: Dict[str, Any], device: str, directory: Path) -> Optional[
         axes[0][column].barh(labels, [r["seconds"] for r in runs], color="tab:blue")
         axes[0][column].set_xlabel("wall seconds")
         axes[0][column].set_title(f"{name} checkpoint")
-        axes[1][column].barh(labels, [r["peak_rss_bytes"] / GIB for r in runs], color="tab:purple")
+        axes[1][column].barh(labels, [r["peak_rss_bytes"] / GIB for r in runs], color="tab:gray", label="total (incl. mapped inputs)")
+        axes[1][column].barh(labels, [r.get("peak_anon_bytes", 0) / GIB for r in runs], color="tab:purple", label="anonymous")
         bound = data["checkpoints"][name]["rss_bound_bytes"] / GIB
         axes[1][column].axvline(bound, color="red", linestyle="--", label="(N+3)×largest + 1 GiB")
         axes[1][column].set_xlabel("peak RSS (GiB)")

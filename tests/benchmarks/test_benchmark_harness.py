@@ -74,12 +74,14 @@ def test_child_peak_rss_is_per_child(tmp_path):
     # this (large) process would inherit its high-water mark.
     ballast = bytearray(300 * 2**20)
     ballast[::4096] = b"1" * len(ballast[::4096])
-    allocate = "import time; x = bytearray({size}); x[::4096] = b'1' * len(x[::4096]); time.sleep(0.1)"
+    allocate = "import time; x = bytearray({size}); x[::4096] = b'1' * len(x[::4096]); time.sleep(0.3)"
     big = whole_merge.run_child([sys.executable, "-c", allocate.format(size=400 * 2**20)], tmp_path / "big.log")
     small = whole_merge.run_child([sys.executable, "-c", allocate.format(size=10 * 2**20)], tmp_path / "small.log")
     assert big["returncode"] == 0 and small["returncode"] == 0
     assert big["peak_rss_bytes"] >= 400 * 2**20
     assert small["peak_rss_bytes"] < 100 * 2**20
+    # the polled anonymous peak sees the allocation too (it lasts ≥ 0.1 s)
+    assert big["peak_anon_bytes"] >= 400 * 2**20 > small["peak_anon_bytes"]
     del ballast
 
 
@@ -115,15 +117,15 @@ def test_report_renders_saved_results(tmp_path):
                                       "largest_tensor_bytes": 2**20, "rss_bound_bytes": 2 * GIB}},
         "runs": [
             {"method": "task_arithmetic", "label": "task_arithmetic", "checkpoint": "streaming", "out_shard_size": None,
-             "seconds": 10.0, "peak_rss_bytes": GIB, "within_rss_bound": True, "returncode": 0},
+             "seconds": 10.0, "peak_rss_bytes": GIB, "peak_anon_bytes": GIB, "within_rss_bound": True, "returncode": 0},
             {"method": "weight_average", "label": "weight_average", "checkpoint": "streaming", "out_shard_size": None,
-             "seconds": 12.0, "peak_rss_bytes": 3 * GIB, "within_rss_bound": False, "returncode": 0},
+             "seconds": 12.0, "peak_rss_bytes": 4 * GIB, "peak_anon_bytes": 3 * GIB, "within_rss_bound": False, "returncode": 0},
         ],
     }, tmp_path)
     out = report.write(tmp_path / "RESULTS.md", results_dir=tmp_path)
     text = out.read_text()
     assert "| WUDI: Gram-form Adam step vs autograd step | 100 ms | 1.0 s | 10.0× ✅ | ≥ 10× |" in text
     assert "100.0×" in text  # spectral ÷ 300 against the autograd step
-    assert "| weight_average | 12.0 s | 1.2× | 3.00 GiB | **no** | 0 |" in text
+    assert "| weight_average | 12.0 s | 1.2× | 3.00 GiB | **no** | 4.00 GiB | 0 |" in text
     assert "skipped" in text and "No GPU was lent" in text
     assert (tmp_path / "kernels_cpu.png").exists() and (tmp_path / "merge_cpu.png").exists()
