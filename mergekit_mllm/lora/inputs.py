@@ -8,7 +8,10 @@ A recipe names a LoRA expert by its peft adapter directory, like any model::
       - model: ./adapters/ocr
 
 (mergekit's own ``base+adapter`` syntax is accepted too and takes the same
-path instead of writing a merged copy of the model into ``lora_merge_cache``.)
+path instead of writing a merged copy of the model into ``lora_merge_cache``;
+with it the adapter may be a Hub id, whose adapter files are downloaded. A
+plain ``model:`` entry is an adapter only as a local directory: telling a Hub
+adapter from a Hub model would cost a request for every model of every recipe.)
 
 How it plugs in (:func:`install`, applied by the import hook):
 
@@ -39,7 +42,13 @@ from typing import Dict, Iterator, Literal, Mapping, Optional, Set
 
 import torch
 
-from mergekit_mllm.lora.adapter import AdapterError, LoraAdapter, is_adapter_dir
+from mergekit_mllm.lora.adapter import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHT_NAMES,
+    AdapterError,
+    LoraAdapter,
+    is_adapter_dir,
+)
 from mergekit_mllm.lora.names import NameMap
 from mergekit_mllm.ops.lowrank import LOW_RANK_KERNELS, LowRank
 
@@ -247,6 +256,23 @@ def _base_for(reference, adapter: LoraAdapter):
     return ModelReference(model=ModelPath(path=adapter.base_model_name_or_path))
 
 
+def _local_adapter_dir(reference) -> str:
+    """The adapter of a ``base+adapter`` reference on disk: a Hub adapter's
+    config and weights are downloaded (a few MB), as mergekit would."""
+    path = reference.lora.path
+    if Path(path).is_dir():
+        return path
+    import huggingface_hub
+    from mergekit.io.tasks import LoaderCache
+
+    return huggingface_hub.snapshot_download(
+        path,
+        revision=reference.lora.revision,
+        cache_dir=LoaderCache().hf_cache_dir,
+        allow_patterns=[ADAPTER_CONFIG_NAME, *ADAPTER_WEIGHT_NAMES],
+    )
+
+
 def expert_for(reference) -> Optional[LoraExpert]:
     """The LoraExpert a ModelReference stands for (None for a full model)."""
     expert = _EXPERTS.get(reference)
@@ -255,7 +281,7 @@ def expert_for(reference) -> Optional[LoraExpert]:
     path = adapter_path_of(reference)
     if path is None:
         return None
-    adapter = LoraAdapter(path)
+    adapter = LoraAdapter(_local_adapter_dir(reference) if reference.lora is not None else path)
     expert = LoraExpert(reference, adapter, _base_for(reference, adapter))
     _EXPERTS[reference] = expert
     return expert

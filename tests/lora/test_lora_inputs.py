@@ -146,3 +146,28 @@ def test_dora_adapters_are_refused_by_name(qwen2_base, tmp_path):
 def test_adapter_over_another_architecture_is_refused(qwen2_base, qwen2_vl_lora_family, tmp_path):
     with pytest.raises(ValueError, match="does not have"):
         run_merge(recipe("weight_average", qwen2_base, [qwen2_vl_lora_family["adapters"][0]]), tmp_path / "out")
+
+
+def test_hub_adapter_in_base_plus_adapter_syntax_downloads_only_adapter_files(lora_family, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub
+    from mergekit.common import ModelReference
+
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, cache_dir=None, allow_patterns=None):
+        calls.append((repo_id, revision, tuple(allow_patterns)))
+        target = tmp_path / "snapshot"
+        shutil.copytree(lora_family["adapters"][0], target, dirs_exist_ok=True)
+        return str(target)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    reference = ModelReference.parse(f"{lora_family['base']}+someone/chart-lora@v2")
+    expert = expert_for(reference)
+    assert calls == [("someone/chart-lora", "v2",
+                      ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"))]
+    assert expert.base == ModelReference.parse(str(lora_family["base"]))
+    reference_tensors = state_dict(lora_family["materialised"][0])
+    name = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(LoraTensorLoader(expert).get_tensor(name), reference_tensors[name], atol=1e-6, rtol=1e-5)
