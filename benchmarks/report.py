@@ -260,13 +260,20 @@ def _merge_section(data: Dict[str, Any]) -> List[str]:
 # Plots.
 
 
-def _plot_kernels(data: Dict[str, Any], device: str, directory: Path) -> Optional[str]:
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover
+        return None
+    return plt
+
+
+def _plot_kernels(data: Dict[str, Any], device: str, directory: Path) -> Optional[str]:
+    plt = _pyplot()
+    if plt is None:
         return None
     shapes = []
     for entry in data["entries"]:
@@ -302,12 +309,8 @@ def _plot_kernels(data: Dict[str, Any], device: str, directory: Path) -> Optiona
 
 
 def _plot_merge(data: Dict[str, Any], device: str, directory: Path) -> Optional[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
+    plt = _pyplot()
+    if plt is None:
         return None
     checkpoints = [name for name in data["checkpoints"] if any(r["checkpoint"] == name for r in data["runs"])]
     figure, axes = plt.subplots(2, len(checkpoints), figsize=(6.5 * len(checkpoints), 7), squeeze=False)

@@ -85,6 +85,17 @@ def released_spectral_solver(vectors, response_of, init_mode="sum"):
     return init - (init @ basis * response) @ basis.T + (offset @ basis * (response / safe)) @ basis.T
 
 
+def top_mask(top):
+    """F = 1 on the ``top`` largest of ascending eigenvalues (the released slicing)."""
+
+    def response(eigenvalues):
+        mask = torch.zeros_like(eigenvalues)
+        mask[eigenvalues.numel() - top:] = 1.0
+        return mask
+
+    return response
+
+
 # ---------------------------------------------------------------- exact minimiser
 
 
@@ -165,13 +176,10 @@ def test_swudi_without_truncation_is_gradient_flow(shape):
 @pytest.mark.parametrize("ratio", [0.65, 0.3])
 def test_swudi_matches_the_released_solver(shape, ratio):
     vectors = task_vectors(shape)
-    n = shape[1]
-    top = max(1, int(n * ratio + 0.999))
+    top = max(1, int(shape[1] * ratio + 0.999))
 
     def response(eigenvalues):
-        mask = torch.zeros_like(eigenvalues)
-        mask[n - top:] = 1.0
-        return (1 - torch.exp(-eigenvalues * 300.0)) * mask
+        return (1 - torch.exp(-eigenvalues * 300.0)) * top_mask(top)(eigenvalues)
 
     for init_mode in ("sum", "mean", "zero"):
         expected = released_spectral_solver(vectors, response, init_mode)
@@ -243,13 +251,8 @@ def test_aswudi_matches_the_released_solver(method):
     top = int(adaptive_rank(closed_form.descending_spectrum(spectrum), (40, 16), method))
     assert 1 <= top < 16
 
-    def response(eigenvalues):
-        mask = torch.zeros_like(eigenvalues)
-        mask[16 - top:] = 1.0
-        return mask
-
     torch.testing.assert_close(
-        aswudi(vectors, auto_rank_method=method), released_spectral_solver(vectors, response), **DOUBLE
+        aswudi(vectors, auto_rank_method=method), released_spectral_solver(vectors, top_mask(top)), **DOUBLE
     )
 
 
@@ -265,14 +268,8 @@ def test_factor_space_pads_the_spectrum_like_the_released_solver():
     torch.testing.assert_close(closed_form.descending_spectrum(spectrum), full, rtol=1e-9, atol=1e-12)
     for method in ("participation_sqrt", "gavish_donoho"):
         top = int(adaptive_rank(full, (4, 30), method))
-
-        def response(eigenvalues):
-            mask = torch.zeros_like(eigenvalues)
-            mask[30 - top:] = 1.0
-            return mask
-
         torch.testing.assert_close(
-            aswudi(vectors, auto_rank_method=method), released_spectral_solver(vectors, response), **DOUBLE
+            aswudi(vectors, auto_rank_method=method), released_spectral_solver(vectors, top_mask(top)), **DOUBLE
         )
 
 
