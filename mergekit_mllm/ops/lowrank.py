@@ -157,18 +157,16 @@ def iso_cts(task_vectors: Sequence[LowRank], *, common_space_fraction: float) ->
     common = common_space_size(rank, num_tasks, common_space_fraction)
     per_task = (rank - common) // num_tasks
     u_common, s_common, vh_common = low_rank_svd(low_rank_sum(task_vectors), common)
-    us, ss, vhs = [], [], []
-    for task_vector in task_vectors:
+
+    def residual_triplets(task_vector: LowRank):
         residual = LowRank(task_vector.left - u_common @ (u_common.T @ task_vector.left), task_vector.right)
         # Relative to τᵢ itself: a residual that is zero up to rounding has no rank.
         tolerance = _default_tolerance(task_vector, task_vector.squared_norm().sqrt())
-        u_t, s_t, vh_t = low_rank_svd(residual, per_task, tolerance=tolerance)
-        us.append(u_t)
-        ss.append(s_t)
-        vhs.append(vh_t)
-    u_all = torch.cat(us + [u_common], dim=1)
-    s_all = torch.cat(ss + [s_common])
-    vh_all = torch.cat(vhs + [vh_common], dim=0)
+        return low_rank_svd(residual, per_task, tolerance=tolerance)
+
+    # Task-specific blocks first, then the common block, as in the dense form.
+    us, ss, vhs = zip(*[residual_triplets(tv) for tv in task_vectors], (u_common, s_common, vh_common))
+    u_all, s_all, vh_all = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vhs, dim=0)
     if s_all.numel() == 0:
         return _zeros(task_vectors)
     return _isotropic(u_all, s_all, vh_all, common + num_tasks * per_task)
