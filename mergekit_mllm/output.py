@@ -185,6 +185,28 @@ def _recipe_from(config_source: Optional[str]) -> Dict[str, Any]:
     return recipe if isinstance(recipe, dict) else {}
 
 
+# Top-level recipe sections of the plugin (mergekit ignores unknown keys).
+PLUGIN_SECTIONS = {
+    "hub": "push to the Hugging Face Hub after merging",
+    "lora_output": "also write the merge as a peft LoRA adapter",
+    "compose": "compose single-modality experts that share one LLM",
+}
+
+
+def check_top_level_keys(recipe: Dict[str, Any]) -> None:
+    """A misspelt section (``lora_ouput:``) would be ignored by mergekit: refuse it."""
+    from mergekit.config import MergeConfiguration
+
+    known = set(MergeConfiguration.model_fields) | set(PLUGIN_SECTIONS)
+    unknown = sorted(set(recipe) - known)
+    if unknown:
+        raise RecipeError(
+            f"unknown top-level recipe key(s) {', '.join(map(repr, unknown))}; mergekit accepts "
+            f"{', '.join(sorted(MergeConfiguration.model_fields))} and mergekit-mllm adds "
+            f"{', '.join(sorted(PLUGIN_SECTIONS))}"
+        )
+
+
 def _validate_hub(recipe: Dict[str, Any]) -> None:
     if "hub" not in recipe:
         return
@@ -207,6 +229,7 @@ def publish(staging: Path, final: Path) -> None:
 def wrap_run_merge(original):
     def run_merge(merge_config, out_path, options, config_source=None):
         recipe = _recipe_from(config_source)
+        check_top_level_keys(recipe)
         _validate_hub(recipe)
         final = Path(out_path).absolute()
         if final.exists() and not final.is_dir():

@@ -348,3 +348,12 @@ def test_report_lists_experts_in_recipe_order(families, tmp_path):
     out = run_merge(recipe_for("weight_average", fam["base"], experts), tmp_path / "out")
     report = json.loads((out / "mergekit_mllm_report.json").read_text())
     assert report["models"] == [str(e) for e in experts] and report["base_model"] == str(fam["base"])
+
+
+def test_misspelt_top_level_section_is_refused_before_merging(families, tmp_path):
+    fam = families("qwen2_vl")
+    recipe = recipe_for("weight_average", fam["base"], fam["experts"])
+    recipe["lora_ouput"] = {"rank": 4}
+    with pytest.raises(ValueError, match="unknown top-level recipe key.*'lora_ouput'"):
+        run_merge(recipe, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
