@@ -83,8 +83,8 @@ class FamilySize:
 SIZES: Dict[str, FamilySize] = {
     # `smoke` is for the test-suite only: seconds to build, untrained-quality models.
     "smoke": FamilySize("smoke", 32, 1, 32, 1, vision_steps=2, base_steps=3, expert_steps=2, vision_batch=8, batch=8, warmup=1),
-    "ci": FamilySize("ci", 128, 2, 128, 3, vision_steps=250, base_steps=500, expert_steps=40),
-    "full": FamilySize("full", 128, 2, 128, 3, vision_steps=500, base_steps=2500, expert_steps=150),
+    "ci": FamilySize("ci", 128, 2, 128, 3, vision_steps=150, base_steps=350, expert_steps=30),
+    "full": FamilySize("full", 128, 2, 128, 3, vision_steps=400, base_steps=1500, expert_steps=150),
 }
 
 
@@ -161,9 +161,26 @@ class Encoder:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixel_values}
 
 
-def _mixed_stream(tasks: Sequence[str], seed: int, stream: int) -> Iterator[SynthItem]:
-    """Round-robin over ``tasks``; ``stream`` separates base and expert data."""
-    iterators = [train_items(task, seed * 100 + stream, 10**9) for task in tasks]
+#: The base is a generalist: per task it is trained on these question types only. Experts train on
+#: their task's full distribution, so each one learns specialist skills the base lacks (the
+#: paper's experts were fine-tuned on 100K+ capability-specific samples), while evaluation
+#: covers every type. Each held-out type reuses a skill the base has (reading values, binding a
+#: colour word, counting), so a short fine-tune can learn it.
+GENERALIST_QUESTION_TYPES: Dict[str, Sequence[str]] = {
+    "synth_vqa": ("count_all", "exists", "color_of"),            # experts add count_color, count_shape, shape_of
+    "synth_geometry": ("angle", "area"),                         # + length, perimeter
+    "synth_chart": ("value", "max_value"),                       # + tallest/shortest colour, bar count
+    "synth_ocr": ("length_3",),                                  # + strings of 4 and 5 letters
+    "synth_grounding": ("single",),                              # + scenes with distractors
+}
+
+
+def _mixed_stream(tasks: Sequence[str], seed: int, stream: int, generalist: bool = False) -> Iterator[SynthItem]:
+    """Round-robin over ``tasks``; ``stream`` separates base and expert data; ``generalist``
+    restricts each task to :data:`GENERALIST_QUESTION_TYPES`."""
+    iterators = [train_items(task, seed * 100 + stream, 10**9,
+                             question_types=GENERALIST_QUESTION_TYPES[task] if generalist else None)
+                 for task in tasks]
     while True:
         for iterator in iterators:
             yield next(iterator)
@@ -344,7 +361,7 @@ def _build(out: Path, size: FamilySize, seed: int, key: dict, log: Callable[[str
 
     log(f"[2/3] base: all five tasks ({size.base_steps} steps)")
     t0 = time.time()
-    train_answers(model, encoder, _mixed_stream(list(TASKS), seed, stream=1), steps=size.base_steps,
+    train_answers(model, encoder, _mixed_stream(list(TASKS), seed, stream=1, generalist=True), steps=size.base_steps,
                   batch=size.batch, lr=size.base_lr, warmup=size.warmup, seed=seed + 1, log=log, label="base",
                   tune_vision=size.tune_vision)
     timings["base"] = time.time() - t0

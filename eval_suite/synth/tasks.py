@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from eval_suite.synth.font import GLYPH_WIDTH, draw_text, text_size
 
 #: bump when a generator or renderer changes; results record it as the dataset revision
-SYNTH_VERSION = "1"
+SYNTH_VERSION = "2"
 IMAGE_SIZE = 64
 EVAL_SPLIT_SEEDS = {"val": 1_000_003, "test": 2_000_003}
 EVAL_SPLIT_SIZE = 500
@@ -40,8 +40,9 @@ COLORS: Dict[str, Tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 WHITE = (255, 255, 255)
 BLACK = (0, 0, 0)
-GRID = 4  # object positions snap to a 4-px grid (grounding boxes land on a coarse 0–1000 lattice)
-OCR_ALPHABET = "ABCDEFHKLMNPRTUX"  # letters that stay distinct at 5×7
+GRID = 4  # object positions snap to a 4-px grid
+GROUNDING_GRID = 8
+OCR_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 GROUNDING_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: "
 
 
@@ -81,7 +82,7 @@ def _rng(task: str, split: str, seed: int, index: int) -> random.Random:
 # Shared scene helpers
 
 
-def _place_boxes(rng: random.Random, sizes: Sequence[int], margin: int = 2) -> List[List[int]]:
+def _place_boxes(rng: random.Random, sizes: Sequence[int], margin: int = 2, grid: int = GRID) -> List[List[int]]:
     """Non-overlapping axis-aligned boxes [x0, y0, x1, y1) on the GRID lattice, in ``sizes`` order.
 
     Rejection sampling; a dead end restarts the whole layout (deterministic for a given ``rng``).
@@ -90,8 +91,8 @@ def _place_boxes(rng: random.Random, sizes: Sequence[int], margin: int = 2) -> L
         boxes: List[List[int]] = []
         for size in sizes:
             for _ in range(50):
-                x0 = rng.randrange(0, (IMAGE_SIZE - size) // GRID + 1) * GRID
-                y0 = rng.randrange(0, (IMAGE_SIZE - size) // GRID + 1) * GRID
+                x0 = rng.randrange(0, (IMAGE_SIZE - size) // grid + 1) * grid
+                y0 = rng.randrange(0, (IMAGE_SIZE - size) // grid + 1) * grid
                 box = [x0, y0, x0 + size, y0 + size]
                 if all(_separated(box, other, margin) for other in boxes):
                     boxes.append(box)
@@ -211,12 +212,14 @@ def _gen_vqa(rng: random.Random):
     spec = {"objects": objects}
     shapes = [o["shape"] for o in objects]
     colors = [o["color"] for o in objects]
-    kinds = ["count_shape", "count_color", "exists"]
+    kinds = ["count_all", "count_shape", "count_color", "exists"]
     if any(shapes.count(s) == 1 for s in shapes):
         kinds.append("color_of")
     if any(colors.count(c) == 1 for c in colors):
         kinds.append("shape_of")
     kind = rng.choice(kinds)
+    if kind == "count_all":  # needs no binding of a word to an object: the easiest question type
+        return spec, "how many objects are there?", str(count), kind
     if kind == "count_shape":
         shape = rng.choice(SHAPES)
         return spec, f"how many {_plural(shape)} are there?", str(shapes.count(shape)), kind
@@ -246,7 +249,7 @@ UNIT = 8  # grid unit in pixels
 
 
 def _gen_geometry(rng: random.Random):
-    kind = rng.choice(["angle", "length", "area"])
+    kind = rng.choice(["angle", "length", "area", "perimeter"])
     if kind == "angle":
         angle = rng.choice(ANGLES)
         spec = {
@@ -267,7 +270,9 @@ def _gen_geometry(rng: random.Random):
         return spec, "how many grid units long is the red segment?", str(length), kind
     width, height = rng.randint(1, 4), rng.randint(1, 4)
     corner = [rng.randint(0, 7 - width), rng.randint(0, 7 - height)]
-    spec = {"kind": kind, "corner": corner, "size": [width, height]}
+    spec = {"kind": "area", "corner": corner, "size": [width, height]}  # the same figure for both questions
+    if kind == "perimeter":  # needs the two sides, not the labelled area: arithmetic on top of reading
+        return spec, "what is the perimeter of the blue rectangle in grid units?", str(2 * (width + height)), kind
     return spec, "what is the area of the blue rectangle in grid units?", str(width * height), kind
 
 
@@ -320,10 +325,14 @@ def _gen_chart(rng: random.Random):
     colors = rng.sample(list(COLORS), count)
     values = rng.sample(range(10, 100, 10), count)
     spec = {"colors": colors, "values": values}
-    kind = rng.choices(["value", "max", "min"], weights=[6, 2, 2])[0]
+    kind = rng.choices(["value", "max", "min", "max_value", "count"], weights=[4, 1, 1, 2, 1])[0]
     if kind == "value":
         i = rng.randrange(count)
         return spec, f"what is the value of the {colors[i]} bar?", str(values[i]), kind
+    if kind == "max_value":  # read off the chart without binding a colour word
+        return spec, "what is the value of the tallest bar?", str(max(values)), kind
+    if kind == "count":
+        return spec, "how many bars are there?", str(count), kind
     pick = max if kind == "max" else min
     word = "tallest" if kind == "max" else "shortest"
     return spec, f"which bar is the {word}?", colors[values.index(pick(values))], kind
@@ -361,7 +370,7 @@ def _gen_ocr(rng: random.Random):
         "xy": [rng.randrange(0, IMAGE_SIZE - width + 1, 4), rng.randrange(0, IMAGE_SIZE - height + 1, 4)],
         "ink": rng.choice(list(INKS)),
     }
-    return spec, "what is the text in the image?", text, "read"
+    return spec, "what is the text in the image?", text, f"length_{length}"
 
 
 def _draw_ocr(spec: dict, paint: Painter) -> Image.Image:
@@ -388,15 +397,18 @@ def format_box_qwen2_vl(box_pixels: Sequence[float], width: int = IMAGE_SIZE, he
 
 
 def _gen_grounding(rng: random.Random):
-    count = rng.randint(2, 4)
-    combos = rng.sample([(s, c) for s in SHAPES for c in COLORS], count)
-    sizes = [rng.choice([8, 12, 16, 20, 24]) for _ in range(count)]
-    objects = [{"shape": s, "color": c, "box": box} for (s, c), box in zip(combos, _place_boxes(rng, sizes))]
+    count = rng.randint(1, 3)  # a lone object needs localisation only; distractors need binding too
+    combos = list(zip([rng.choice(SHAPES) for _ in range(count)], rng.sample(list(COLORS), count)))
+    sizes = [rng.choice([16, 24]) for _ in range(count)]
+    # objects on the 8-px lattice (the vision tower's patch grid): box corners land on 0, 125, 250, …
+    # of the 0–1000 grid; distinct colours, so objects may touch without merging visually
+    objects = [{"shape": s, "color": c, "box": box}
+               for (s, c), box in zip(combos, _place_boxes(rng, sizes, margin=0, grid=GROUNDING_GRID))]
     target = rng.randrange(count)
     spec = {"objects": objects, "target": target}
     obj = objects[target]
     question = GROUNDING_PROMPT + f"the {obj['color']} {obj['shape']}"
-    return spec, question, format_box_qwen2_vl(obj["box"]), "refer"
+    return spec, question, format_box_qwen2_vl(obj["box"]), "single" if count == 1 else "refer"
 
 
 def grounding_box(spec: dict) -> List[float]:
@@ -462,14 +474,16 @@ def _eval_keys(task: str) -> frozenset:
     return _EVAL_KEYS[task]
 
 
-def train_items(task: str, seed: int, count: int, start: int = 0) -> Iterator[SynthItem]:
-    """``count`` training items from the family seed, never equal to a frozen eval item."""
+def train_items(task: str, seed: int, count: int, start: int = 0,
+                question_types: Optional[Sequence[str]] = None) -> Iterator[SynthItem]:
+    """``count`` training items from the family seed, never equal to a frozen eval item
+    (optionally only of the given question types)."""
     excluded = _eval_keys(task)
     index, produced = start, 0
     while produced < count:
         item = make_item(task, "train", seed, index)
         index += 1
-        if item.key() in excluded:
+        if item.key() in excluded or (question_types is not None and item.question_type not in question_types):
             continue
         produced += 1
         yield item
