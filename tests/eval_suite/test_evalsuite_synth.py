@@ -191,3 +191,26 @@ def test_stock_mergekit_yaml_merges_the_family(smoke_family, tmp_path):
     name = next(k for k in base if k.endswith("layers.0.mlp.down_proj.weight"))
     expected = base[name] + 0.3 * sum(e[name] - base[name] for e in experts)
     assert torch.allclose(merged_state[name], expected, atol=1e-6)
+
+
+def test_study_end_to_end_on_smoke_families(tmp_path):
+    """The sensitivity study: λ picked on val, scored on test, per-seed results reused, Markdown with the criteria."""
+    from eval_suite.synth import study
+
+    out = tmp_path / "study"
+    report = tmp_path / "SYNTH_RESULTS.md"
+    kwargs = dict(size="smoke", seeds=(0, 1), methods=["weight_average", "ties_merging"], lambdas=(0.5, 1.0),
+                  val_items=2, test_items=3, threads=1, log=lambda m: None)
+    results = study.run_study(out, report=str(report), command="python -m eval_suite synth study …", **kwargs)
+    assert [r["seed"] for r in results] == [0, 1]
+    rows = {r["name"]: r for r in results[0]["rows"]}
+    assert set(rows) == {"base", *(f"expert:{e}" for e in study.EXPERTS), "weight_average", "ties_merging"}
+    assert rows["ties_merging"]["lambda"] in (0.5, 1.0) and set(rows["ties_merging"]["val_sweep"]) == {"0.5", "1.0"}
+    assert rows["weight_average"]["lambda"] == 1.0
+    text = report.read_text()
+    assert "## Criteria (issue 4)" in text and "| ties_merging |" in text and "best λ" in text
+    # a second run with the same settings reuses every seed's study.json
+    mtime = (out / "seed0" / "study.json").stat().st_mtime_ns
+    again = study.run_study(out, **kwargs)
+    assert again == json.loads((out / "study.json").read_text())
+    assert (out / "seed0" / "study.json").stat().st_mtime_ns == mtime
