@@ -309,6 +309,15 @@ def _family_key(size: FamilySize, seed: int, threads: int) -> dict:
     }
 
 
+#: FamilySize fields that only affect the expert stage
+EXPERT_FIELDS = ("expert_steps", "expert_lr")
+
+
+def _base_key(key: dict) -> dict:
+    """The part of the cache key the base depends on (everything but the expert settings)."""
+    return {**key, "size": {k: v for k, v in key["size"].items() if k not in EXPERT_FIELDS and k != "name"}}
+
+
 def _save(model, processor, directory: Path, marker: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     setattr(model.config, CONFIG_MARKER, marker)
@@ -355,21 +364,36 @@ def _build(out: Path, size: FamilySize, seed: int, key: dict, log: Callable[[str
     model = build_model(size, tokenizer)
     model.set_attn_implementation("sdpa")  # training speed; checkpoints record eager for evaluation
 
-    log(f"[1/3] vision pretraining ({size.vision_steps} steps)")
-    stats = pretrain_vision(model, size, seed, log)
-    timings["vision"] = time.time() - started
-
-    log(f"[2/3] base: all five tasks ({size.base_steps} steps)")
-    t0 = time.time()
-    train_answers(model, encoder, _mixed_stream(list(TASKS), seed, stream=1, generalist=True), steps=size.base_steps,
-                  batch=size.batch, lr=size.base_lr, warmup=size.warmup, seed=seed + 1, log=log, label="base",
-                  tune_vision=size.tune_vision)
-    timings["base"] = time.time() - t0
     paths = family_paths(out)
     marker = {"synth_version": SYNTH_VERSION, "family_version": FAMILY_VERSION, "size": size.name, "seed": seed}
-    model.set_attn_implementation("eager")
-    _save(model, processor, paths["base"], {**marker, "role": "base"})
-    model.set_attn_implementation("sdpa")
+    base_key = _base_key(key)
+    base_key_path = out / "base_key.json"
+    if base_key_path.is_file() and json.loads(base_key_path.read_text()) == base_key \
+            and (paths["base"] / "config.json").is_file():
+        # only the expert stage changed: the base (stages 1–2) is a pure function of base_key
+        log(f"[1-2/3] reusing the base in {paths['base']} (vision + base settings unchanged)")
+        previous = json.loads((out / "family.json").read_text()) if (out / "family.json").is_file() else {}
+        stats = previous.get("vision_pretraining", {})
+        timings.update({k: v for k, v in previous.get("seconds", {}).items() if k in ("vision", "base")})
+        timings["base_reused"] = 1.0
+        model = LlavaForConditionalGeneration.from_pretrained(paths["base"], dtype=torch.float32)
+        model.set_attn_implementation("sdpa")
+    else:
+        base_key_path.unlink(missing_ok=True)
+        log(f"[1/3] vision pretraining ({size.vision_steps} steps)")
+        stats = pretrain_vision(model, size, seed, log)
+        timings["vision"] = time.time() - started
+
+        log(f"[2/3] base: all five tasks ({size.base_steps} steps)")
+        t0 = time.time()
+        train_answers(model, encoder, _mixed_stream(list(TASKS), seed, stream=1, generalist=True), steps=size.base_steps,
+                      batch=size.batch, lr=size.base_lr, warmup=size.warmup, seed=seed + 1, log=log, label="base",
+                      tune_vision=size.tune_vision)
+        timings["base"] = time.time() - t0
+        model.set_attn_implementation("eager")
+        _save(model, processor, paths["base"], {**marker, "role": "base"})
+        model.set_attn_implementation("sdpa")
+        base_key_path.write_text(json.dumps(base_key, indent=2) + "\n")
     base_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
     for index, capability in enumerate(EXPERTS):

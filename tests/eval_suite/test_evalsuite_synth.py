@@ -214,3 +214,21 @@ def test_study_end_to_end_on_smoke_families(tmp_path):
     again = study.run_study(out, **kwargs)
     assert again == json.loads((out / "study.json").read_text())
     assert (out / "seed0" / "study.json").stat().st_mtime_ns == mtime
+
+
+def test_changing_only_expert_settings_reuses_the_base(tmp_path):
+    from eval_suite.synth.study import load_state
+
+    out = tmp_path / "fam"
+    build_family(out, "smoke", seed=0, log=lambda m: None)
+    base = load_state(family_paths(out)["base"])
+    messages = []
+    manifest = build_family(out, "smoke", seed=0, log=messages.append, size_overrides={"expert_steps": 3})
+    assert any("reusing the base" in m for m in messages)
+    assert manifest["key"]["size"]["expert_steps"] == 3
+    again = load_state(family_paths(out)["base"])
+    assert all(torch.equal(base[k], again[k]) for k in base)
+    fresh = tmp_path / "fresh"
+    build_family(fresh, "smoke", seed=0, log=lambda m: None, size_overrides={"expert_steps": 3})
+    a, b = load_state(family_paths(out)["ocr"]), load_state(family_paths(fresh)["ocr"])
+    assert all(torch.equal(a[k], b[k]) for k in a)  # identical to building from scratch
