@@ -28,6 +28,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--experts", type=str, default=None, help="comma-separated N for the kernel sweep (default: 2..8, CPU: 2,5,8 on the 18944 shapes)"
     )
+    parser.add_argument(
+        "--methods", type=str, default=None,
+        help="merge: comma-separated methods; only the default runs of these (on the streaming checkpoint unless --matrix)",
+    )
+    parser.add_argument("--matrix", action="store_true", help="merge --methods: include the matrix-checkpoint runs")
     parser.add_argument("--resume", action="store_true", help="kernels: keep saved entries, measure the missing ones")
     parser.add_argument("--no-report", action="store_true", help="only measure and save JSON")
     args = parser.parse_args(argv)
@@ -44,7 +49,15 @@ def main(argv=None) -> int:
     if args.section in ("merge", "all"):
         from benchmarks import whole_merge
 
-        whole_merge.run(device, quick=args.quick, workdir=args.workdir)
+        runs = None
+        if args.methods:
+            wanted = args.methods.split(",")
+            runs = [
+                r for r in whole_merge.default_runs(args.quick)
+                if r.method in wanted and (args.matrix or r.checkpoint.name == whole_merge.default_runs(args.quick)[0].checkpoint.name)
+                and r.out_shard_size == whole_merge.default_runs(args.quick)[0].out_shard_size
+            ]
+        whole_merge.run(device, quick=args.quick, workdir=args.workdir, runs=runs)
     if args.section in ("scores", "all"):
         from benchmarks import scores
 

@@ -36,6 +36,7 @@ from mergekit.merge_methods.base import (
 
 from mergekit_mllm import ops
 from mergekit_mllm.lora import inputs as lora_inputs
+from mergekit_mllm.ops import streaming
 from mergekit_mllm.ops.interference import DEFAULT_LR
 
 PAPER = "Wei et al., OptMerge: Unifying Multimodal LLM Capabilities and Modalities via Model Merging (ICLR 2026)"
@@ -337,6 +338,8 @@ class PaperMergeMethod(GroupMergeMethod):
         weights = parameters.pop("weight")
         # Exact τᵢ = scaling·B·A of LoRA experts (mergekit_mllm.lora); empty otherwise.
         lora_factors = lora_inputs.task_vector_factors(group, compute_dtype(base.dtype))
+        if self.spec.name in streaming.STREAMING_METHODS and not lora_factors and self._streamable(group):
+            return self.merge_streaming(group, weights, parameters)
         task_vectors = self.task_vectors(group, weights, lora_factors)
         scale = parameters.pop("lambda")
         if self.declaration.matrix_only and (task_vectors.ndim != 3 or group.metadata.vocabulary_axis is not None):
@@ -355,6 +358,38 @@ class PaperMergeMethod(GroupMergeMethod):
                 "nothing was written. Lower lr/lambda or check the inputs."
             )
         return result.to(base.dtype)
+
+    @staticmethod
+    def _streamable(group: TensorGroup) -> bool:
+        base = group.base.tensor
+        return all(
+            e.tensor.shape == base.shape and e.tensor.device == base.device and e.tensor.dtype == base.dtype
+            for e in group.non_base
+        )
+
+    def merge_streaming(self, group: TensorGroup, weights, parameters: Dict[str, Any]) -> torch.Tensor:
+        """Element-wise methods chunk by chunk from the inputs (mergekit_mllm.ops.streaming):
+        the dense kernels' numbers without N float32 copies of the weight."""
+        name = group.metadata.name or "<unnamed tensor>"
+        entries = group.non_base
+        try:
+            return streaming.merge(
+                self.spec.name, group.base.tensor, [e.tensor for e in entries], [weights[e.id] for e in entries],
+                scale=parameters["lambda"], dtype=compute_dtype(group.base.tensor.dtype), name=name,
+                density=parameters.get("density", 1.0), drop_rate=parameters.get("drop_rate", 0.0),
+                seed=parameters.get("seed", 0), tensor_name=group.metadata.name,
+            )
+        except streaming.NonFiniteInput as error:
+            if error.index < 0:
+                raise MergeInputError(f"{self.spec.name}: base model tensor {name} contains NaN or Inf") from None
+            raise MergeInputError(
+                f"{self.spec.name}: tensor {name} of model {entries[error.index].id} contains NaN or Inf"
+            ) from None
+        except FloatingPointError:
+            raise FloatingPointError(
+                f"{self.spec.name}: the merged tensor {name} contains NaN or Inf; "
+                "nothing was written. Lower lr/lambda or check the inputs."
+            ) from None
 
     def task_vectors(self, group: TensorGroup, weights, lora_factors=None) -> torch.Tensor:
         """τᵢ = weightᵢ·(expertᵢ − base) in the compute dtype, with input checks

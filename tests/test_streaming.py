@@ -1,0 +1,140 @@
+"""The chunked element-wise kernels equal the dense ones, whatever the chunking.
+
+`mergekit_mllm.ops.streaming` is what mergekit runs for weight_average, TIES and DARE;
+the dense kernels in `mergekit_mllm.ops.elementwise` are checked against independent
+oracles in test_methods.py. Here chunk sizes are tiny so every code path (several chunks,
+threshold bracket hits and misses, ties at the threshold, the majority-sign fix-up) runs.
+"""
+
+import pytest
+import torch
+
+from mergekit.merge_methods.api import merge_tensors
+
+from mergekit_mllm import ops
+from mergekit_mllm.ops import streaming
+
+NAME = "model.layers.0.mlp.up_proj.weight"
+
+
+def dense(method, base, experts, weights, scale, density=0.2, drop_rate=0.0, seed=0):
+    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    tvs = torch.stack([(e.to(dtype) - base.to(dtype)) * w for e, w in zip(experts, weights)])
+    if method == "weight_average":
+        merged = ops.weight_average(tvs)
+    elif method == "ties_merging":
+        merged = ops.ties_merging(tvs, density=density)
+    elif method == "dare_task_arithmetic":
+        merged = ops.dare_task_arithmetic(tvs, drop_rate=drop_rate, seed=seed, tensor_name=NAME)
+    else:
+        merged = ops.dare_ties_merging(tvs, drop_rate=drop_rate, density=density, seed=seed, tensor_name=NAME)
+    return (base.to(dtype) + scale * merged).to(base.dtype)
+
+
+def inputs(shape, n, dtype, seed=0, sparse=False):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g).to(dtype)
+    experts = []
+    for _ in range(n):
+        delta = 0.05 * torch.randn(shape, generator=g)
+        if sparse:  # bf16-style: most entries unchanged, so |τ| has massive ties at 0
+            delta = delta * (torch.rand(shape, generator=g) < 0.1)
+        experts.append((base.float() + delta).to(dtype))
+    return base, experts
+
+
+CASES = [
+    ("weight_average", {}),
+    ("ties_merging", {"density": 0.2}),
+    ("ties_merging", {"density": 0.9}),
+    ("ties_merging", {"density": 1.0}),
+    ("dare_task_arithmetic", {"drop_rate": 0.3, "seed": 4}),
+    ("dare_ties_merging", {"drop_rate": 0.3, "density": 0.2, "seed": 1}),
+]
+
+
+@pytest.mark.parametrize("method,params", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [37, 1000, None])
+def test_streaming_equals_dense(method, params, dtype, chunk):
+    base, experts = inputs((63, 41), 4, dtype, seed=3)
+    weights = [1.0, 0.5, -0.7, 1.3]
+    got = streaming.merge(method, base, experts, weights, scale=0.7, dtype=torch.float32, tensor_name=NAME,
+                          chunk=chunk, **params)
+    want = dense(method, base, experts, weights, 0.7, **params)
+    assert got.dtype == dtype and got.shape == base.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["ties_merging", "dare_ties_merging"])
+def test_massive_ties_at_zero(method):
+    """bf16 experts leave most entries unchanged: the 80th percentile of |τ| is an exact 0."""
+    base, experts = inputs((50, 64), 5, torch.bfloat16, seed=5, sparse=True)
+    params = {"density": 0.2, "drop_rate": 0.2 if method.startswith("dare") else 0.0}
+    got = streaming.merge(method, base, experts, [1.0] * 5, scale=1.0, dtype=torch.float32, tensor_name=NAME,
+                          chunk=97, **params)
+    torch.testing.assert_close(got, dense(method, base, experts, [1.0] * 5, 1.0, **params), rtol=0, atol=0)
+
+
+def test_bracket_miss_falls_back_to_exact_selection(monkeypatch):
+    calls = []
+    original = streaming._exact_threshold
+
+    def spy(*args, **kwargs):
+        calls.append(args[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(streaming, "BRACKET", -0.2)  # an empty bracket: the count never lands inside
+    monkeypatch.setattr(streaming, "_exact_threshold", spy)
+    base, experts = inputs((40, 40), 3, torch.float32, seed=6)
+    got = streaming.merge("ties_merging", base, experts, [1.0] * 3, scale=1.0, dtype=torch.float32, chunk=101,
+                          density=0.3)
+    assert calls == [0, 1, 2]
+    torch.testing.assert_close(got, dense("ties_merging", base, experts, [1.0] * 3, 1.0, density=0.3),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("majority", [1.0, -1.0])
+def test_zero_sum_entries_take_the_majority_sign(majority):
+    """Entries where trimmed values cancel exactly: the dense kernel gives them the global
+    majority sign, decided only after every chunk has been seen."""
+    base = torch.zeros(200)
+    first = torch.full((200,), majority * 0.5)  # sets the majority sign everywhere …
+    second = torch.zeros(200)
+    first[7], second[7] = 0.25, -0.25  # … except entries that cancel exactly, in the first chunk
+    first[150], second[150] = -0.25, 0.25
+    experts = [first, second]
+    got = streaming.merge("ties_merging", base, experts, [1.0, 1.0], scale=1.0, dtype=torch.float32, chunk=16,
+                          density=1.0)
+    want = dense("ties_merging", base, experts, [1.0, 1.0], 1.0, density=1.0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got[7] == (0.25 if majority > 0 else -0.25)
+
+
+def test_dare_masks_do_not_depend_on_chunking():
+    base, experts = inputs((30, 30), 2, torch.float32, seed=7)
+    outs = [streaming.merge("dare_task_arithmetic", base, experts, [1.0, 1.0], scale=1.0, dtype=torch.float32,
+                            tensor_name=NAME, drop_rate=0.5, seed=3, chunk=c) for c in (7, 64, None)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+
+
+@pytest.mark.parametrize("bad", [0, 2])
+def test_non_finite_input_is_named(bad):
+    base, experts = inputs((20, 20), 2, torch.float32, seed=8)
+    tensors = [base] + experts
+    tensors[bad] = tensors[bad].clone()
+    tensors[bad][13, 3] = float("nan")
+    with pytest.raises(ValueError, match="base model" if bad == 0 else "of model 2 "):
+        merge_tensors(tensors, "ties_merging", base_index=0, name=NAME)
+
+
+def test_mergekit_runs_the_streaming_kernel(monkeypatch):
+    seen = []
+    original = streaming.merge
+    monkeypatch.setattr(streaming, "merge", lambda *a, **k: seen.append(a[0]) or original(*a, **k))
+    base, experts = inputs((16, 8), 2, torch.bfloat16, seed=9)
+    out = merge_tensors([base] + experts, "dare_ties_merging", base_index=0, name=NAME,
+                        parameters={"drop_rate": 0.1, "density": 0.5, "lambda": 0.5})
+    assert seen == ["dare_ties_merging"]
+    torch.testing.assert_close(out, dense("dare_ties_merging", base, experts, [1.0, 1.0], 0.5, density=0.5,
+                                          drop_rate=0.1), rtol=0, atol=0)
