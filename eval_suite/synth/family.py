@@ -49,7 +49,7 @@ from eval_suite.synth.tasks import (
 )
 from eval_suite.synth.tokenizer import IMAGE_TOKEN, build_processor, build_tokenizer
 
-FAMILY_VERSION = "1"
+FAMILY_VERSION = "2"
 LABEL_CELL = 4  # vision pretraining predicts the label of every 4×4-px cell
 EXPERTS = tuple(CAPABILITIES)  # vqa, geometry, chart, ocr, grounding
 CONFIG_MARKER = "eval_suite_synth"  # key in config.json that identifies the family
@@ -69,7 +69,7 @@ class FamilySize:
     batch: int = 32
     vision_lr: float = 2e-3
     base_lr: float = 2e-3
-    expert_lr: float = 5e-4
+    expert_lr: float = 1e-3
     warmup: int = 50
     patch_size: int = 8
     #: the vision tower stays frozen after its pretraining (LLaVA-style instruction tuning)
@@ -84,7 +84,7 @@ SIZES: Dict[str, FamilySize] = {
     # `smoke` is for the test-suite only: seconds to build, untrained-quality models.
     "smoke": FamilySize("smoke", 32, 1, 32, 1, vision_steps=2, base_steps=3, expert_steps=2, vision_batch=8, batch=8, warmup=1),
     "ci": FamilySize("ci", 128, 2, 128, 3, vision_steps=150, base_steps=350, expert_steps=30),
-    "full": FamilySize("full", 128, 2, 128, 3, vision_steps=400, base_steps=1500, expert_steps=150),
+    "full": FamilySize("full", 128, 2, 128, 3, vision_steps=300, base_steps=1000, expert_steps=150),
 }
 
 
@@ -175,15 +175,26 @@ GENERALIST_QUESTION_TYPES: Dict[str, Sequence[str]] = {
 }
 
 
+#: fraction of each task's other question types the base still sees: the base has a partial skill
+#: on them (as a real generalist has on every capability) which the expert sharpens. With 0 the
+#: experts must learn new circuits from scratch, and no merge keeps any of that (measured).
+HELD_OUT_RATE = 0.25
+
+
 def _mixed_stream(tasks: Sequence[str], seed: int, stream: int, generalist: bool = False) -> Iterator[SynthItem]:
     """Round-robin over ``tasks``; ``stream`` separates base and expert data; ``generalist``
-    restricts each task to :data:`GENERALIST_QUESTION_TYPES`."""
-    iterators = [train_items(task, seed * 100 + stream, 10**9,
-                             question_types=GENERALIST_QUESTION_TYPES[task] if generalist else None)
-                 for task in tasks]
+    restricts each task to :data:`GENERALIST_QUESTION_TYPES` plus :data:`HELD_OUT_RATE` of the rest."""
+    import random
+
+    iterators = [train_items(task, seed * 100 + stream, 10**9) for task in tasks]
+    keep = random.Random(seed * 1000 + stream)
     while True:
-        for iterator in iterators:
-            yield next(iterator)
+        for task, iterator in zip(tasks, iterators):
+            while True:
+                item = next(iterator)
+                if not generalist or item.question_type in GENERALIST_QUESTION_TYPES[task] or keep.random() < HELD_OUT_RATE:
+                    break
+            yield item
 
 
 def _cell_labels(label_image, cells: int) -> torch.Tensor:
