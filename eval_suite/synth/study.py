@@ -293,6 +293,11 @@ def render_markdown(seed_results: Sequence[dict], command: str) -> str:
         "|---|---|---|---|---|---|",
         *comparisons,
         "",
+        "## Build times (this study's builds, seconds)",
+        "",
+        *[f"- seed {r['seed']}: " + ", ".join(f"{k} {v:g}" for k, v in r["family"].get("seconds", {}).items())
+          for r in seed_results],
+        "",
         "## λ on val (mean five-task val average over seeds)",
         "",
         *val_lines,
