@@ -33,6 +33,8 @@ def main(argv=None) -> int:
         help="merge: comma-separated methods; only the default runs of these (on the streaming checkpoint unless --matrix)",
     )
     parser.add_argument("--matrix", action="store_true", help="merge --methods: include the matrix-checkpoint runs")
+    parser.add_argument("--elementwise-only", action="store_true",
+                        help="kernels: re-time only the element-wise methods of the saved entries")
     parser.add_argument("--resume", action="store_true", help="kernels: keep saved entries, measure the missing ones")
     parser.add_argument("--no-report", action="store_true", help="only measure and save JSON")
     args = parser.parse_args(argv)
@@ -45,7 +47,10 @@ def main(argv=None) -> int:
         if args.experts:
             counts = [int(x) for x in args.experts.split(",")]
             plan = [(label, shape, n) for label, shape in kernels.SHAPES.items() for n in counts]
-        kernels.run(device, quick=args.quick, plan=plan, resume=args.resume)
+        if args.elementwise_only:
+            kernels.remeasure_elementwise(device)
+        else:
+            kernels.run(device, quick=args.quick, plan=plan, resume=args.resume)
     if args.section in ("merge", "all"):
         from benchmarks import whole_merge
 

@@ -173,19 +173,25 @@ def _elementwise_kernel(data: Dict[str, Any]) -> List[str]:
         "inputs) and the peak memory held beyond the N + 1 inputs, in input-tensor units (the RSS target "
         "allows 2):",
         "",
-        "| shape | N | task_arithmetic | weight_average | ties_merging | dare_task_arithmetic |",
-        "|---|---|---|---|---|---|",
+        "| shape | N | task_arithmetic | weight_average | ties_merging | dare_task_arithmetic | dare_ties_merging |",
+        "|---|---|---|---|---|---|---|",
     ]
     for entry in data["entries"]:
-        ta = _value(entry, "task_arithmetic")
+        ta_runs = [v for v in (_value(entry, "task_arithmetic"), _value(entry, "task_arithmetic.again")) if v]
+        ta = min(ta_runs) if ta_runs else None
         cells = []
-        for method in ("task_arithmetic", "weight_average", "ties_merging", "dare_task_arithmetic"):
-            value = _value(entry, method)
+        for method in ("task_arithmetic", "weight_average", "ties_merging", "dare_task_arithmetic", "dare_ties_merging"):
+            value = ta if method == "task_arithmetic" else _value(entry, method)
             extra = _value(entry, method, "peak_extra_tensors")
             memory = "" if extra is None else f", +{extra:.1f} tensors"
             ratio = "" if method == "task_arithmetic" else f" ({_fmt_ratio(value / ta if value and ta else None)})"
             cells.append(f"{_fmt_seconds(value)}{ratio}{memory}")
         lines.append(f"| {_shape(entry)} | {entry['experts']} | " + " | ".join(cells) + " |")
+    env = next((e.get("elementwise_environment") for e in data["entries"] if e.get("elementwise_environment")), None)
+    if env:
+        lines += ["", f"(element-wise rows re-timed with the streaming kernels: torch threads "
+                  f"{env.get('torch_threads')}, load average {', '.join(f'{x:.1f}' for x in env.get('load_average', []))}; "
+                  "task_arithmetic is the faster of a run before and after the others)"]
     return lines
 
 

@@ -138,3 +138,27 @@ def test_mergekit_runs_the_streaming_kernel(monkeypatch):
     assert seen == ["dare_ties_merging"]
     torch.testing.assert_close(out, dense("dare_ties_merging", base, experts, [1.0, 1.0], 0.5, density=0.5,
                                           drop_rate=0.1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("share", [0.78, 0.797, 0.8, 0.803, 0.82])
+def test_quantised_task_vectors(share):
+    """Checkpoint task vectors are multiples of the base's ulp: the threshold sits on a level
+    holding many entries, often at one end of the sampled bracket."""
+    n = 20000
+    g = torch.Generator().manual_seed(int(share * 1000))
+    base = torch.zeros(n)
+    experts = []
+    for _ in range(3):
+        levels = torch.where(torch.rand(n, generator=g) < share, 0.01, 0.02)
+        experts.append(levels * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0))
+    got = streaming.merge("ties_merging", base, experts, [1.0] * 3, scale=1.0, dtype=torch.float32, chunk=999,
+                          density=0.2)
+    torch.testing.assert_close(got, dense("ties_merging", base, experts, [1.0] * 3, 1.0, density=0.2), rtol=0, atol=0)
+
+
+def test_growable_buffer_keeps_order_across_growth():
+    buffer = streaming._Growable(3, torch.float32, "cpu")
+    pieces = [torch.arange(k, dtype=torch.float32) + 10 * k for k in (2, 0, 5, 1, 9)]
+    for piece in pieces:
+        buffer.extend(piece)
+    assert torch.equal(buffer.values(), torch.cat(pieces))

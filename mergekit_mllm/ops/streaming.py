@@ -141,6 +141,26 @@ def weight_average(inputs: _Inputs, out: torch.Tensor, scale: float, name: str, 
 # ---------------------------------------------------------------- TIES
 
 
+class _Growable:
+    """An append-only 1-D buffer with doubling capacity."""
+
+    def __init__(self, capacity: int, dtype: torch.dtype, device):
+        self.buffer = torch.empty(capacity, dtype=dtype, device=device)
+        self.size = 0
+
+    def extend(self, values: torch.Tensor) -> None:
+        end = self.size + values.numel()
+        if end > self.buffer.numel():
+            grown = torch.empty(max(end, 2 * self.buffer.numel()), dtype=self.buffer.dtype, device=self.buffer.device)
+            grown[: self.size].copy_(self.buffer[: self.size])
+            self.buffer = grown
+        self.buffer[self.size:end].copy_(values)
+        self.size = end
+
+    def values(self) -> torch.Tensor:
+        return self.buffer[: self.size]
+
+
 def _thresholds(inputs: _Inputs, density: float, dare: Optional[_Dare]) -> List[Optional[torch.Tensor]]:
     """Per expert: the k-th smallest |τᵢ| (k = ⌊n(1 − density)⌋), exactly, or None (keep all)."""
     n = inputs.n
@@ -170,9 +190,16 @@ def _thresholds(inputs: _Inputs, density: float, dare: Optional[_Dare]) -> List[
     low = torch.stack(lows).unsqueeze(1)
     high = torch.stack(highs).unsqueeze(1)
 
+    # Counts below / at the low end / at the high end, values strictly inside: checkpoint task
+    # vectors are quantised (multiples of the base's bf16 ulp), so the ends are often large ties.
     below = torch.zeros(inputs.count, dtype=torch.int64, device=device)
     at_low = torch.zeros(inputs.count, dtype=torch.int64, device=device)
-    inside: List[List[torch.Tensor]] = [[] for _ in range(inputs.count)]
+    at_high = torch.zeros(inputs.count, dtype=torch.int64, device=device)
+    # Values inside the bracket go straight into one preallocated buffer per expert (sized from
+    # the sample, doubled if needed): keeping hundreds of small per-chunk pieces alive between the
+    # chunk temporaries fragments the heap, and RSS grew by GBs that way.
+    capacity = int(2 * (2 * BRACKET) * n) + 4096
+    inside = [_Growable(capacity, inputs.dtype, device) for _ in range(inputs.count)]
     if dare is not None:
         dare.restart()
     for start, stop in inputs.spans():
@@ -182,18 +209,22 @@ def _thresholds(inputs: _Inputs, density: float, dare: Optional[_Dare]) -> List[
         magnitudes = vectors.abs_()
         below += (magnitudes < low).sum(dim=1)
         at_low += (magnitudes == low).sum(dim=1)
-        window = (magnitudes > low) & (magnitudes <= high)
+        at_high += (magnitudes == high).sum(dim=1)
+        window = (magnitudes > low) & (magnitudes < high)
         for index in range(inputs.count):
-            inside[index].append(magnitudes[index][window[index]])
+            inside[index].extend(magnitudes[index][window[index]])
 
     thresholds: List[Optional[torch.Tensor]] = []
     for index in range(inputs.count):
-        values = torch.cat(inside[index])
+        values = inside[index].values()
         below_i, at_low_i = int(below[index]), int(at_low[index])
+        inside_i = below_i + at_low_i + values.numel()
         if below_i < rank <= below_i + at_low_i:
             thresholds.append(low[index, 0])
-        elif below_i + at_low_i < rank <= below_i + at_low_i + values.numel():
+        elif below_i + at_low_i < rank <= inside_i:
             thresholds.append(values.kthvalue(rank - below_i - at_low_i).values)
+        elif low[index, 0] < high[index, 0] and inside_i < rank <= inside_i + int(at_high[index]):
+            thresholds.append(high[index, 0])
         else:  # the sample's bracket missed: exact selection over the whole tensor
             thresholds.append(_exact_threshold(inputs, index, rank, dare))
     return thresholds
@@ -225,7 +256,8 @@ def ties(inputs: _Inputs, out: torch.Tensor, scale: float, name: str, density: f
     threshold = torch.stack([t if t is not None else torch.zeros((), dtype=inputs.dtype, device=inputs.base.device)
                              for t in thresholds]).unsqueeze(1)
     sign_total = torch.zeros((), dtype=torch.int64, device=inputs.base.device)
-    undecided: List[torch.Tensor] = []  # flat positions whose trimmed sum is 0 with a positive entry
+    # flat positions whose trimmed sum is 0 with a non-zero entry (one growable buffer: see _thresholds)
+    undecided = _Growable(4096, torch.int64, inputs.base.device)
     if dare is not None:
         dare.restart()
     for start, stop in inputs.spans():
@@ -248,10 +280,10 @@ def ties(inputs: _Inputs, out: torch.Tensor, scale: float, name: str, density: f
         merged = kept.div_(count.clamp(min=1).to(kept.dtype))
         undecided_here = (total == 0) & (count > 0)  # cancelling entries, not all-zero ones
         if bool(undecided_here.any()):
-            undecided.append(undecided_here.nonzero().squeeze(1) + start)
+            undecided.extend(undecided_here.nonzero().squeeze(1) + start)
         _finish(base.add_(merged.mul_(scale)), out, start, stop, name)
-    if undecided and int(sign_total) > 0:
-        positions = torch.cat(undecided)
+    if undecided.size and int(sign_total) > 0:
+        positions = undecided.values()
         _fix_positive_majority(inputs, out, scale, positions, threshold, keep_all, dare)
 
 
