@@ -232,11 +232,6 @@ EXP_TIME = _param(
     "exp_time", float, 300.0, "t of the filter F = 1 − exp(−t·ℓ) (gradient-flow time)",
     check=("a positive number", lambda x: x > 0 and _finite(x)),
 )
-ASWUDI_RIDGE = _param(
-    "ridge", float, 0.0,
-    "ρ ≥ 0: minimise L(τ) + ρ‖τ − τ₀‖² instead (filter ℓ/(ℓ+ρ); ℓ is scale-free, tr C ≤ N); 0 is the exact minimiser",
-    check=("a non-negative number", lambda x: x >= 0 and _finite(x)),
-)
 ASWUDI_EXP_TIME = _param(
     "exp_time", float, 1e6, "t of the filter F = 1 − exp(−t·ℓ) when filter_type is exponential",
     check=("a positive number", lambda x: x > 0 and _finite(x)),
