@@ -40,7 +40,8 @@ def test_autograd_baseline_is_the_same_iteration_as_the_reference(shape):
 def test_kernel_measurement_records_every_method():
     results = kernels.measure((12, 8), 2, torch.device("cpu"), throughput=1e9, budget=60.0, log=lambda _: None)
     expected = {
-        "task_arithmetic", "weight_average", "ties_merging", "dare_task_arithmetic",
+        "task_arithmetic", "weight_average", "ties_merging", "dare_task_arithmetic", "dare_ties_merging",
+        "task_arithmetic.again",
         "wudi.ours", "wudi.autograd", "optmerge_lora.problem", "optmerge_lora.ours",
         "optmerge_lora.ours_gram_steps", "optmerge_lora.autograd_unpadded", "optmerge_lora.autograd",
         "optmerge_exact", "optmerge_full.problem", "optmerge_full.ours", "optmerge_full.autograd",
