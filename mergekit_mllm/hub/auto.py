@@ -12,6 +12,11 @@
       license: apache-2.0                 # overrides the license read from the base's card
       plot: true                          # true (bar chart when results exist) / false / path to a PNG
       commit_message: "OptMerge, λ=1.0"
+      evaluate:                           # score the merged model with eval_suite before pushing
+        tasks: synth                      # required: synth, paper or comma-separated task names
+        limit: 200                        # optional: first N items per task
+        split: test                       # optional (synthetic tasks): val or test
+        device: cpu                       # optional; batch_size, dtype also accepted
 
 The merge wrapper calls :func:`validate_hub_section` *before* merging, so a
 bad section (unknown key, wrong type, missing results file, no token) fails
@@ -51,7 +56,12 @@ class HubSection:
     license: Optional[str] = None
     plot: Union[bool, str] = True
     commit_message: Optional[str] = None
+    evaluate: Optional[Tuple[Tuple[str, Any], ...]] = None
 
+
+#: ``evaluate:`` keys and the ``python -m eval_suite run`` option each becomes.
+EVALUATE_KEYS = {"tasks": "--tasks", "limit": "--limit", "split": "--split", "device": "--device",
+                 "batch_size": "--batch-size", "dtype": "--dtype"}
 
 KEYS = tuple(f.name for f in fields(HubSection))
 
@@ -115,6 +125,7 @@ def parse_hub_section(recipe: Mapping[str, Any]) -> Optional[HubSection]:
             _fail(f"results must be paths (got {item!r})")
         if not Path(item).expanduser().is_file():
             _fail(f"results file {item} does not exist")
+    evaluate = _parse_evaluate(section.get("evaluate"))
     plot = section.get("plot", True)
     if isinstance(plot, str) and not Path(plot).expanduser().is_file():
         _fail(f"plot image {plot} does not exist")
@@ -128,7 +139,53 @@ def parse_hub_section(recipe: Mapping[str, Any]) -> Optional[HubSection]:
         license=section.get("license"),
         plot=plot,
         commit_message=section.get("commit_message"),
+        evaluate=evaluate,
     )
+
+
+def _parse_evaluate(value: Any) -> Optional[Tuple[Tuple[str, Any], ...]]:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = {"tasks": value}
+    if not isinstance(value, Mapping):
+        _fail(f"evaluate must be a mapping with at least `tasks` (got {value!r})")
+    for key in value:
+        if key not in EVALUATE_KEYS:
+            close = difflib.get_close_matches(str(key), EVALUATE_KEYS, n=1)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            _fail(f"evaluate: unknown key `{key}`{hint}; allowed keys: {', '.join(EVALUATE_KEYS)}")
+    if not isinstance(value.get("tasks"), str) or not value["tasks"].strip():
+        _fail("evaluate: `tasks` is required (synth, paper or comma-separated task names)")
+    for key in ("limit", "batch_size"):
+        if key in value and (not isinstance(value[key], int) or isinstance(value[key], bool) or value[key] < 1):
+            _fail(f"evaluate: {key} must be a positive integer (got {value[key]!r})")
+    if "split" in value and value["split"] not in ("val", "test"):
+        _fail(f"evaluate: split must be val or test (got {value['split']!r})")
+    for key in ("device", "dtype"):
+        if key in value and not isinstance(value[key], str):
+            _fail(f"evaluate: {key} must be a string (got {value[key]!r})")
+    return tuple((key, value[key]) for key in EVALUATE_KEYS if key in value)
+
+
+def evaluate_merged(out_path: Path, evaluate: Tuple[Tuple[str, Any], ...]) -> Path:
+    """Run ``python -m eval_suite run`` on the merged model; returns the results file, written
+    next to the output folder (``OUT.eval_results.json``) so the model folder stays as merged."""
+    import subprocess
+
+    out_path = Path(out_path).resolve()
+    results = out_path.with_name(out_path.name + ".eval_results.json")
+    command = [sys.executable, "-m", "eval_suite", "run", "--model", str(out_path), "--output", str(results)]
+    for key, value in evaluate:
+        command += [EVALUATE_KEYS[key], str(value)]
+    print(f"Evaluating {out_path} before the push: {' '.join(command[1:])}", file=sys.stderr)
+    completed = subprocess.run(command)
+    if completed.returncode != 0 or not results.is_file():
+        raise PushError(
+            f"evaluating the merged model failed (exit {completed.returncode}); nothing was pushed. "
+            f"Command: {' '.join(command)}"
+        )
+    return results
 
 
 def validate_hub_section(recipe: Dict[str, Any]) -> None:
@@ -152,11 +209,14 @@ def push_after_merge(out_path: Path, recipe: Dict[str, Any], *, endpoint: Option
     if section is None:
         return None
     plot: Union[None, bool, Path] = Path(section.plot) if isinstance(section.plot, str) else (None if section.plot else False)
+    results = [Path(p) for p in section.results]
     try:
+        if section.evaluate:
+            results.append(evaluate_merged(Path(out_path), section.evaluate))
         result = push(
             Path(out_path),
             section.repo,
-            results=[Path(p) for p in section.results],
+            results=results,
             private=section.private,
             revision=section.revision,
             exist_ok=section.exist_ok,
@@ -170,7 +230,7 @@ def push_after_merge(out_path: Path, recipe: Dict[str, Any], *, endpoint: Option
         retry = f"mergekit-mllm push {out_path} --repo {section.repo} --exist-ok"
         if section.revision:
             retry += f" --revision {section.revision}"
-        retry += "".join(f" --results {p}" for p in section.results)
+        retry += "".join(f" --results {p}" for p in results)
         raise type(exc)(f"{exc}\nThe merge itself succeeded; to retry only the upload: {retry}") from exc
     print(f"Pushed {out_path} to {result.url} (commit {result.commit_oid[:10]})", file=sys.stderr)
     return result

@@ -32,6 +32,10 @@ def recipe_with(hub) -> dict:
         ({"repo": "alice/x", "token_env": "not a name"}, "token_env must be the name of an environment variable"),
         ({"repo": "alice/x", "plot": "missing.png"}, "plot image missing.png does not exist"),
         ("alice/x", "must be a mapping"),
+        ({"repo": "alice/x", "evaluate": {"task": "synth"}}, r"evaluate: unknown key `task` \(did you mean `tasks`\?\)"),
+        ({"repo": "alice/x", "evaluate": {"limit": 5}}, "evaluate: `tasks` is required"),
+        ({"repo": "alice/x", "evaluate": {"tasks": "synth", "limit": 0}}, "evaluate: limit must be a positive integer"),
+        ({"repo": "alice/x", "evaluate": {"tasks": "synth", "split": "train"}}, "evaluate: split must be val or test"),
     ],
 )
 def test_bad_hub_sections_fail_before_merging(hub, message):
@@ -67,10 +71,12 @@ def test_every_documented_key_is_accepted(hub_env, vlm_output, tmp_path):
     plot = tmp_path / "scores.png"
     plot.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 16)
     hub = {"repo": "alice/x", "private": True, "revision": "v2", "exist_ok": True, "results": [str(results)],
-           "token_env": "HF_TOKEN", "license": "apache-2.0", "plot": str(plot), "commit_message": "msg"}
+           "token_env": "HF_TOKEN", "license": "apache-2.0", "plot": str(plot), "commit_message": "msg",
+           "evaluate": {"tasks": "synth", "limit": 5, "split": "val", "device": "cpu", "batch_size": 2, "dtype": "float32"}}
     assert set(hub) == set(KEYS)
     section = parse_hub_section(recipe_with(hub))
     assert section.results == (str(results),) and section.private and section.plot == str(plot)
+    assert dict(section.evaluate)["limit"] == 5 and parse_hub_section(recipe_with({"repo": "a/b", "evaluate": "synth"})).evaluate == (("tasks", "synth"),)
 
 
 def test_mergekit_run_merge_pushes_when_the_recipe_asks(hub_env, qwen2_family, tmp_path, monkeypatch):
@@ -109,3 +115,52 @@ def test_mergekit_run_merge_pushes_when_the_recipe_asks(hub_env, qwen2_family, t
         push_after_merge(out, recipe)
     assert "The merge itself succeeded" in str(failure.value)
     assert f"mergekit-mllm push {out} --repo {USER}/ta-merge --exist-ok --results base.json" in str(failure.value)
+
+
+@pytest.fixture(scope="module")
+def smoke_model(tmp_path_factory):
+    """A model eval_suite can score offline: the base of the smoke-size synthetic family."""
+    import subprocess
+    import sys
+
+    family = tmp_path_factory.mktemp("synth_smoke")
+    subprocess.run([sys.executable, "-m", "eval_suite", "synth", "build", "--size", "smoke", "--out", str(family)],
+                   check=True, capture_output=True)
+    return family / "base"
+
+
+def _as_merge_output(model, vlm_output, out):
+    import shutil
+
+    shutil.copytree(model, out)
+    for name in ("mergekit_config.yml", "mergekit_mllm_report.json", "README.md"):
+        shutil.copy(vlm_output / name, out / name)
+    return out
+
+
+def test_evaluate_scores_the_merged_model_before_pushing(hub_env, vlm_output, smoke_model, tmp_path):
+    import json
+
+    out = _as_merge_output(smoke_model, vlm_output, tmp_path / "merged")
+    recipe = recipe_with({"repo": f"{USER}/evaluated",
+                          "evaluate": {"tasks": "synth_ocr,synth_chart", "limit": 3, "split": "val"}})
+    push_after_merge(out, recipe)
+    results = json.loads((tmp_path / "merged.eval_results.json").read_text())
+    assert results["model"]["path"] == str(out.resolve())
+    assert set(results["tasks"]) == {"synth_ocr", "synth_chart"}
+    assert all(t["num_items"] == 3 and t["split"] == "val" for t in results["tasks"].values())
+    assert not (out / "merged.eval_results.json").exists()  # the model folder stays as merged
+
+    card = ModelCard(hub_env.file_bytes(f"{USER}/evaluated", "main", "README.md").decode())
+    assert sorted(r.metric_value for r in card.data.eval_results) == pytest.approx(
+        sorted(t["score"] for t in results["tasks"].values()), abs=0.01
+    )
+
+def test_failed_evaluation_pushes_nothing(hub_env, vlm_output, smoke_model, tmp_path):
+    from mergekit_mllm.hub.errors import PushError
+
+    out = _as_merge_output(smoke_model, vlm_output, tmp_path / "merged")
+    with pytest.raises(PushError, match="evaluating the merged model failed") as failure:
+        push_after_merge(out, recipe_with({"repo": f"{USER}/never", "evaluate": {"tasks": "no_such_task"}}))
+    assert "The merge itself succeeded" in str(failure.value)
+    assert f"{USER}/never" not in hub_env.state.repos
