@@ -228,22 +228,30 @@ def render_markdown(seed_results: Sequence[dict], command: str) -> str:
     # criterion 3: paired method differences vs the seed-to-seed spread
     comparisons = []
     separated = []
-    for i, first in enumerate(ranked):
-        for second in ranked[i + 1:]:
-            mean, std, diffs = paired_differences(seed_results, first, second)
-            spread = max(summary[first]["average"][1], summary[second]["average"][1])
-            distinct = abs(mean) > spread and (all(d > 0 for d in diffs) or all(d < 0 for d in diffs))
+    paired_separated = []
+
+    def compare(first: str, second: str, force: bool = False) -> None:
+        mean, std, diffs = paired_differences(seed_results, first, second)
+        spread = max(summary[first]["average"][1], summary[second]["average"][1])
+        same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+        distinct = abs(mean) > spread and same_sign
+        paired = abs(mean) > 2 * std and same_sign
+        if first in METHODS and second in METHODS:
             if distinct:
                 separated.append(f"{first} > {second}")
-            if first == best_method or distinct:
-                comparisons.append(f"| {first} − {second} | {mean:+.2f} | {std:.2f} | {spread:.2f} | "
-                                   + ", ".join(f"{d:+.2f}" for d in diffs) + f" | {'yes' if distinct else 'no'} |")
-    for other in ["base", experts_best]:
-        if best_method:
-            mean, std, diffs = paired_differences(seed_results, best_method, other)
-            spread = max(summary[best_method]["average"][1], summary[other]["average"][1])
-            comparisons.append(f"| {best_method} − {other} | {mean:+.2f} | {std:.2f} | {spread:.2f} | "
-                               + ", ".join(f"{d:+.2f}" for d in diffs) + f" | {'yes' if abs(mean) > spread else 'no'} |")
+            if paired:
+                paired_separated.append(f"{first} > {second}")
+        if force or distinct or paired:
+            comparisons.append(f"| {first} − {second} | {mean:+.2f} | {std:.2f} | {spread:.2f} | "
+                               + ", ".join(f"{d:+.2f}" for d in diffs)
+                               + f" | {'yes' if distinct else 'no'} | {'yes' if paired else 'no'} |")
+
+    for i, first in enumerate(ranked):
+        for second in ranked[i + 1:]:
+            compare(first, second, force=first == best_method)
+    if best_method:
+        for other in ["base", experts_best]:
+            compare(best_method, other, force=True)
 
     val_table = val_lambda_table(seed_results)
     lambdas = sorted({lam for sweep in val_table.values() for lam in sweep}, key=float)
@@ -283,14 +291,17 @@ def render_markdown(seed_results: Sequence[dict], command: str) -> str:
                                                     f"best expert {experts_best}: {summary[experts_best]['average'][0]:.1f})"),
         f"3. method pairs whose paired difference exceeds the seed-to-seed spread (|mean| > the larger seed std of the "
         f"two, same sign in every seed): **{len(separated)}**" + (": " + ", ".join(separated) if separated else ""),
+        f"   - weaker, paired view (|mean paired difference| > 2 × its std over seeds, same sign in every seed; "
+        f"the family-level spread cancels in a paired difference): {len(paired_separated)} pairs"
+        + (": " + ", ".join(paired_separated) if paired_separated else ""),
         "",
         "Seed-to-seed spread (sample std of the five-task average): "
         + ", ".join(f"{n} {s:.2f}" for n, s in spread.items()),
         "",
         "Paired differences of the five-task average (same seed, same test items):",
         "",
-        "| comparison | mean | std of diff | seed spread | per seed | beyond spread |",
-        "|---|---|---|---|---|---|",
+        "| comparison | mean | std of diff | seed spread | per seed | beyond seed spread | beyond 2 × std of diff |",
+        "|---|---|---|---|---|---|---|",
         *comparisons,
         "",
         "## Build times (this study's builds, seconds)",
