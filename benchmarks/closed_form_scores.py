@@ -1,0 +1,122 @@
+"""Closed forms vs the iterative WUDI/OptMerge on the offline synthetic benchmark.
+
+    python -m benchmarks.closed_form_scores FAMILY_DIR [FAMILY_DIR …] [--val-items 200] [--test-items 500]
+
+FAMILY_DIR is a synthetic family built by ``python -m eval_suite synth build`` (e.g. the seeds
+of ``python -m eval_suite synth study``). Same protocol as the study: every method's λ is picked
+on the frozen ``val`` split from the paper's grid and the merged model is scored once on
+``test``; merges run in-process through ``mergekit.merge_methods.api.merge_state_dicts``.
+Results go to ``benchmarks/results/scores_closed_forms.json``; ``python -m benchmarks report``
+renders them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from benchmarks.common import RESULTS_DIR, environment, save_json
+
+#: (label, method, parameters): each iterative method next to its closed forms.
+METHODS = (
+    ("wudi (Adam, 300 steps)", "wudi", {}),
+    ("wudi_exact", "wudi_exact", {}),
+    ("swudi", "swudi", {}),
+    ("aswudi", "aswudi", {}),
+    ("optmerge full (Adam, 300 steps)", "optmerge", {"variant": "full"}),
+    ("optmerge_exact full", "optmerge_exact", {"variant": "full"}),
+    ("optmerge lora (SGD, 300 steps)", "optmerge", {"variant": "lora"}),
+    ("optmerge_exact lora", "optmerge_exact", {"variant": "lora"}),
+)
+LAMBDAS = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5)
+NAME = "scores_closed_forms"
+
+
+def _merge(method: str, parameters: dict, scale: float, base, experts):
+    from mergekit.merge_methods.api import merge_state_dicts
+
+    with torch.no_grad():
+        return merge_state_dicts({"base": base, **experts}, method, base="base",
+                                 parameters={**parameters, "lambda": scale})
+
+
+def run_family(family: Path, val_items: int, test_items: int, log=print) -> Dict[str, object]:
+    from eval_suite.synth.family import EXPERTS, family_paths
+    from eval_suite.synth.study import FamilyEvaluator, load_state
+
+    paths = family_paths(family)
+    evaluator = FamilyEvaluator(paths["base"])
+    base = load_state(paths["base"])
+    experts = {name: load_state(paths[name]) for name in EXPERTS}
+    rows: List[dict] = []
+    for label, method, parameters in METHODS:
+        t0 = time.time()
+        sweep = {}
+        for scale in LAMBDAS:
+            scores = evaluator.evaluate(_merge(method, parameters, scale, base, experts), "val", val_items)
+            sweep[scale] = sum(scores.values()) / len(scores)
+        best = max(sweep, key=sweep.get)
+        t1 = time.time()
+        merged = _merge(method, parameters, best, base, experts)
+        merge_seconds = time.time() - t1
+        test = evaluator.evaluate(merged, "test", test_items)
+        row = {"label": label, "method": method, "parameters": parameters, "lambda": best,
+               "val_sweep": {str(k): round(v, 2) for k, v in sweep.items()}, "test": test,
+               "test_average": sum(test.values()) / len(test), "merge_seconds": merge_seconds,
+               "seconds": time.time() - t0}
+        rows.append(row)
+        log(f"{family.name}: {label} λ={best} → test average {row['test_average']:.2f} "
+            f"(merge {merge_seconds:.1f} s)")
+    return {"family": str(family), "rows": rows}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.closed_form_scores", description=__doc__)
+    parser.add_argument("families", nargs="+", type=Path)
+    parser.add_argument("--val-items", type=int, default=200)
+    parser.add_argument("--test-items", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    path = RESULTS_DIR / f"{NAME}.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update({"section": "closed_form_scores", "environment": environment(torch.device("cpu")),
+                 "val_items": args.val_items, "test_items": args.test_items})
+    data.setdefault("families", {})
+    for family in args.families:
+        data["families"][family.name] = run_family(family, args.val_items, args.test_items)
+        save_json(NAME, data)
+    return 0
+
+
+def render(data: Dict[str, object]) -> List[str]:
+    families = list(data.get("families", {}).values())
+    if not families:
+        return []
+    labels = [row["label"] for row in families[0]["rows"]]
+    lines = [
+        "",
+        f"Closed forms against the iterative methods on the offline synthetic benchmark "
+        f"(`python -m benchmarks.closed_form_scores`): λ chosen on `val` ({data['val_items']} items per task) "
+        f"from the paper's grid, five-task average on `test` ({data['test_items']} items per task), per family seed:",
+        "",
+        "| method | " + " | ".join(f"{Path(f['family']).name} (λ)" for f in families) + " | mean |",
+        "|---|" + "---|" * (len(families) + 1),
+    ]
+    for index, label in enumerate(labels):
+        cells, values = [], []
+        for family in families:
+            row = family["rows"][index]
+            cells.append(f"{row['test_average']:.2f} ({row['lambda']:g})")
+            values.append(row["test_average"])
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {sum(values) / len(values):.2f} |")
+    return lines
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
