@@ -133,7 +133,7 @@ def run_main_job(out_dir: Path, *, size: str, limit: Optional[int], methods: Seq
 
 @click.command("main")
 @click.option("--out", "out_dir", default="outputs/main", show_default=True, type=click.Path(path_type=Path))
-@click.option("--size", type=click.Choice(["ci", "full", "smoke"]), default="ci", show_default=True,
+@click.option("--size", type=click.Choice(["ci", "full", "smoke"]), default="full", show_default=True,
               help="Size of the synthetic model family (smoke: seconds, untrained quality; for tests).")
 @click.option("--limit", type=int, default=None, help="Evaluate at most N items per task (default: all).")
 @click.option("--methods", default=",".join(METHODS), show_default=True, help="Comma-separated subset of methods.")
