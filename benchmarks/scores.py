@@ -8,8 +8,9 @@ command line as documented there:
 
 Every method is merged with stock ``mergekit-yaml`` on a λ grid (λ means
 different things for sum- and mean-initialised methods, PAPER.md §6.3, so
-each method gets its best λ; like the paper, λ is chosen on the evaluation
-itself) and scored on the five synthetic tasks. When ``eval_suite`` does not
+each method gets its best λ), the λ is chosen on the frozen ``val`` split and
+the chosen merge is scored once on ``test`` (never selected on the split it
+reports). When ``eval_suite`` does not
 offer that command line yet, the section records why and the report says so.
 """
 
@@ -86,6 +87,7 @@ def run(
         log(f"scores: not run — {reason}")
         return data
     workdir = Path(workdir or tempfile.mkdtemp(prefix="mergekit_mllm_scores_"))
+    workdir.mkdir(parents=True, exist_ok=True)
     family = workdir / "synth_family"
     with log_progress("build the synthetic family", log):
         built = run_child(_eval_suite("synth", "build", "--size", "ci", "--out", str(family)), workdir / "build.log")
@@ -96,39 +98,55 @@ def run(
     experts = _experts(family)
     lambdas = list(lambdas or ((1.0,) if quick else LAMBDAS))
     evaluate = ["--tasks", "synth", "--device", device.type] + (["--limit", "50"] if quick else [])
+    validate = evaluate + ["--split", "val"]
+    evaluate = evaluate + ["--split", "test"]
     data["models"] = {}
     for label, model in [("base", family / "base")] + [(f"expert {p.name}", p) for p in experts]:
         with log_progress(f"evaluate {label}", log):
             output = workdir / f"{label.replace(' ', '_')}.json"
-            run_child(_eval_suite("run", "--model", str(model), "--output", str(output), *evaluate), workdir / "eval.log")
+            run_child(_eval_suite("run", "--model", str(model), "--output", str(output), *evaluate), workdir / "eval.log")  # test split
             data["models"][label] = _scores(output) if output.exists() else None
     data["merges"] = []
     for label, method, parameters in methods:
+        sweep: Dict[float, Optional[float]] = {}
+        outputs = {}
         for scale in lambdas:
             slug = f"{method}_{'_'.join(f'{k}{v}' for k, v in parameters.items())}_l{scale}"
             recipe = recipe_for(method, family / "base", experts, {**parameters, "lambda": scale})
             recipe_path = write_recipe(workdir / f"{slug}.yml", recipe)
             out = workdir / f"merged_{slug}"
-            with log_progress(f"merge + evaluate {label} λ={scale}", log):
+            with log_progress(f"merge + validate {label} λ={scale}", log):
                 command = [mergekit_yaml(), str(recipe_path), str(out)] + (["--cuda"] if device.type == "cuda" else [])
                 merged = run_child(command, workdir / f"{slug}.merge.log")
-                scores = None
+                sweep[scale] = None
                 if merged["returncode"] == 0:
-                    output = workdir / f"{slug}.json"
-                    run_child(_eval_suite("run", "--model", str(out), "--output", str(output), *evaluate), workdir / f"{slug}.eval.log")
-                    scores = _scores(output) if output.exists() else None
-            data["merges"].append(
-                {"label": label, "method": method, "parameters": parameters, "lambda": scale,
-                 "merge_seconds": merged["seconds"], "scores": scores}
-            )
-            save_json(name, data)
+                    output = workdir / f"{slug}.val.json"
+                    run_child(_eval_suite("run", "--model", str(out), "--output", str(output), *validate), workdir / f"{slug}.eval.log")
+                    if output.exists():
+                        val = _scores(output)
+                        sweep[scale] = sum(val.values()) / len(val)
+                        outputs[scale] = (out, slug, merged["seconds"])
+        scored = {k: v for k, v in sweep.items() if v is not None}
+        scores, best, seconds = None, None, None
+        if scored:
+            best = max(scored, key=scored.get)
+            out, slug, seconds = outputs[best]
+            with log_progress(f"test {label} λ={best}", log):
+                output = workdir / f"{slug}.test.json"
+                run_child(_eval_suite("run", "--model", str(out), "--output", str(output), *evaluate), workdir / f"{slug}.eval.log")
+                scores = _scores(output) if output.exists() else None
+        data["merges"].append(
+            {"label": label, "method": method, "parameters": parameters, "lambda": best,
+             "val_sweep": {str(k): v for k, v in sweep.items()}, "merge_seconds": seconds, "scores": scores}
+        )
+        save_json(name, data)
     return data
 
 
 def render(data: Dict[str, Any]) -> List[str]:
     if data.get("not_run"):
         return ["", f"*Not run ({data['environment']['device']}):* {data['not_run']}"]
-    lines = ["", "Five synthetic tasks of `eval_suite` (mean score), best λ per method on the grid:", ""]
+    lines = ["", "Five synthetic tasks of `eval_suite` on `test` (mean score); λ per method chosen on `val` from the grid:", ""]
     tasks = sorted({t for s in data["models"].values() if s for t in s})
     lines += ["| model | λ | " + " | ".join(tasks) + " | mean |", "|---|---|" + "---|" * (len(tasks) + 1)]
     for label, scores in data["models"].items():
