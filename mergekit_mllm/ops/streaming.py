@@ -122,6 +122,18 @@ class _Dare:
             vectors[index].mul_(keep).div_(1.0 - self.drop_rate)
 
 
+def _chunks(inputs: _Inputs, dare: Optional[_Dare], check: bool = True):
+    """(start, stop, base chunk, task-vector chunk) over the whole tensor, DARE applied when given
+    (its generators restarted, so every pass sees the same masks)."""
+    if dare is not None:
+        dare.restart()
+    for start, stop in inputs.spans():
+        base, vectors = inputs.load(start, stop, check=check)
+        if dare is not None:
+            dare.apply(vectors)
+        yield start, stop, base, vectors
+
+
 def _finish(result: torch.Tensor, out: torch.Tensor, start: int, stop: int, name: str) -> None:
     if not bool(torch.isfinite(result).all()):
         raise FloatingPointError(name)
@@ -130,10 +142,7 @@ def _finish(result: torch.Tensor, out: torch.Tensor, start: int, stop: int, name
 
 def weight_average(inputs: _Inputs, out: torch.Tensor, scale: float, name: str, dare: Optional[_Dare] = None,
                    reduce: str = "mean") -> None:
-    for start, stop in inputs.spans():
-        base, vectors = inputs.load(start, stop)
-        if dare is not None:
-            dare.apply(vectors)
+    for start, stop, base, vectors in _chunks(inputs, dare):
         merged = vectors.mean(dim=0) if reduce == "mean" else vectors.sum(dim=0)
         _finish(base.add_(scale * merged), out, start, stop, name)
 
@@ -200,12 +209,7 @@ def _thresholds(inputs: _Inputs, density: float, dare: Optional[_Dare]) -> List[
     # chunk temporaries fragments the heap, and RSS grew by GBs that way.
     capacity = int(2 * (2 * BRACKET) * n) + 4096
     inside = [_Growable(capacity, inputs.dtype, device) for _ in range(inputs.count)]
-    if dare is not None:
-        dare.restart()
-    for start, stop in inputs.spans():
-        _, vectors = inputs.load(start, stop)
-        if dare is not None:
-            dare.apply(vectors)
+    for _, _, _, vectors in _chunks(inputs, dare):
         magnitudes = vectors.abs_()
         below += (magnitudes < low).sum(dim=1)
         at_low += (magnitudes == low).sum(dim=1)
@@ -231,14 +235,7 @@ def _thresholds(inputs: _Inputs, density: float, dare: Optional[_Dare]) -> List[
 
 
 def _exact_threshold(inputs: _Inputs, index: int, rank: int, dare: Optional[_Dare]) -> torch.Tensor:
-    parts = []
-    if dare is not None:
-        dare.restart()
-    for start, stop in inputs.spans():
-        _, vectors = inputs.load(start, stop, check=False)
-        if dare is not None:
-            dare.apply(vectors)
-        parts.append(vectors[index].abs())
+    parts = [vectors[index].abs() for _, _, _, vectors in _chunks(inputs, dare, check=False)]
     return torch.cat(parts).kthvalue(rank).values
 
 
@@ -258,12 +255,7 @@ def ties(inputs: _Inputs, out: torch.Tensor, scale: float, name: str, density: f
     sign_total = torch.zeros((), dtype=torch.int64, device=inputs.base.device)
     # flat positions whose trimmed sum is 0 with a non-zero entry (one growable buffer: see _thresholds)
     undecided = _Growable(4096, torch.int64, inputs.base.device)
-    if dare is not None:
-        dare.restart()
-    for start, stop in inputs.spans():
-        base, vectors = inputs.load(start, stop)
-        if dare is not None:
-            dare.apply(vectors)
+    for start, stop, base, vectors in _chunks(inputs, dare):
         trimmed = vectors
         if not all(keep_all):
             trimmed.mul_(vectors.abs() >= threshold)  # ties at the threshold survive; keep-all rows: |τ| ≥ 0
@@ -289,21 +281,13 @@ def ties(inputs: _Inputs, out: torch.Tensor, scale: float, name: str, density: f
 
 def _fix_positive_majority(inputs, out, scale, positions, threshold, keep_all, dare) -> None:
     """Recompute entries whose sum was zero: with a positive majority they average the positive entries."""
-    rows = []
     if dare is None:
-        for index in range(inputs.count):
-            rows.append(inputs.task_vector_at(index, positions))
+        trimmed = torch.stack([inputs.task_vector_at(index, positions) for index in range(inputs.count)])
     else:  # the DARE draw is sequential: replay it and pick the positions out of each chunk
-        dare.restart()
-        chosen: List[List[torch.Tensor]] = [[] for _ in range(inputs.count)]
-        for start, stop in inputs.spans():
-            _, vectors = inputs.load(start, stop, check=False)
-            dare.apply(vectors)
-            local = positions[(positions >= start) & (positions < stop)] - start
-            for index in range(inputs.count):
-                chosen[index].append(vectors[index][local])
-        rows = [torch.cat(parts) for parts in chosen]
-    trimmed = torch.stack(rows)
+        trimmed = torch.cat([
+            vectors[:, positions[(positions >= start) & (positions < stop)] - start]
+            for start, stop, _, vectors in _chunks(inputs, dare, check=False)
+        ], dim=1)
     if not all(keep_all):
         trimmed = trimmed * (trimmed.abs() >= threshold)
     agrees = trimmed > 0
