@@ -191,27 +191,15 @@ ELEMENTWISE = (
 )
 
 
-def measure_elementwise(base, vectors, device, repeats: int, record=None) -> Dict[str, Any]:
+def measure_elementwise(base, vectors, device, repeats: int, record: Callable[[str, Callable[[], Dict[str, Any]]], None]) -> None:
     """Element-wise methods through mergekit's API (the adapter path of a merge) on bfloat16
     inputs like real checkpoints, with the memory each call held beyond its inputs (in units of
-    one input tensor); task_arithmetic is measured first and last (drift of a shared machine)."""
+    one input tensor); task_arithmetic is measured first and last (drift of a shared machine).
+    Each measurement goes to ``record(name, function)``."""
     inputs = [base.bfloat16()] + [(base + tv).bfloat16() for tv in vectors]
-    out: Dict[str, Any] = {}
-    seen = set()
-    for method, parameters in ELEMENTWISE + (("task_arithmetic", {"weight": 1.0}),):
-        key = f"{method}.again" if method in seen else method
-        seen.add(method)
-
-        def function(method=method, parameters=parameters):
-            return _time_merge_tensors(inputs, method, parameters, device, repeats)
-
-        if record is None:
-            out[key] = _guard(key, function)
-        else:
-            record(key, function)
-    if record is None:
-        return out
-    return {}
+    for method, parameters in ELEMENTWISE:
+        record(method, lambda method=method, parameters=parameters: _time_merge_tensors(inputs, method, parameters, device, repeats))
+    record("task_arithmetic.again", lambda: _time_merge_tensors(inputs, "task_arithmetic", {"weight": 1.0}, device, repeats))
 
 
 def remeasure_elementwise(device: torch.device, *, save_as: Optional[str] = None, log: Callable[[str], None] = print):
@@ -225,8 +213,8 @@ def remeasure_elementwise(device: torch.device, *, save_as: Optional[str] = None
         vectors = make_task_vectors(shape, experts, device)
         base = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
         with log_progress(f"{shape} N={experts} element-wise methods", log):
-            results = measure_elementwise(base, vectors, device, repeats)
-        entry["results"].update(results)
+            measure_elementwise(base, vectors, device, repeats,
+                                lambda key, function: entry["results"].__setitem__(key, _guard(key, function)))
         entry["elementwise_environment"] = environment(device)
         entry["elementwise_environment"]["load_average"] = os.getloadavg()
         del vectors, base
@@ -259,7 +247,7 @@ def measure(
     # Elementwise methods through mergekit's API (the adapter path of a merge),
     # on bfloat16 inputs like real checkpoints; with the memory each call held
     # beyond its inputs, in units of one input tensor.
-    out.update(measure_elementwise(base, vectors, device, repeats, record))
+    measure_elementwise(base, vectors, device, repeats, record)
 
     # WUDI.
     wudi = wudi_problem(vectors)
