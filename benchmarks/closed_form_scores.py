@@ -21,33 +21,20 @@ from typing import Dict, List
 import torch
 
 from benchmarks.common import RESULTS_DIR, environment, save_json
+from benchmarks.scores import METHODS as SCORE_METHODS
 
-#: (label, method, parameters): each iterative method next to its closed forms.
-METHODS = (
-    ("wudi (Adam, 300 steps)", "wudi", {}),
-    ("wudi_exact", "wudi_exact", {}),
-    ("swudi", "swudi", {}),
-    ("aswudi", "aswudi", {}),
-    ("optmerge full (Adam, 300 steps)", "optmerge", {"variant": "full"}),
+#: (label, method, parameters): each iterative method next to its closed forms — the scores
+#: harness's table without its baselines, plus OptMerge-full's exact minimiser.
+METHODS = tuple(m for m in SCORE_METHODS if m[1] not in ("task_arithmetic", "weight_average")) + (
     ("optmerge_exact full", "optmerge_exact", {"variant": "full"}),
-    ("optmerge lora (SGD, 300 steps)", "optmerge", {"variant": "lora"}),
-    ("optmerge_exact lora", "optmerge_exact", {"variant": "lora"}),
 )
 LAMBDAS = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5)
 NAME = "scores_closed_forms"
 
 
-def _merge(method: str, parameters: dict, scale: float, base, experts):
-    from mergekit.merge_methods.api import merge_state_dicts
-
-    with torch.no_grad():
-        return merge_state_dicts({"base": base, **experts}, method, base="base",
-                                 parameters={**parameters, "lambda": scale})
-
-
 def run_family(family: Path, val_items: int, test_items: int, log=print) -> Dict[str, object]:
     from eval_suite.synth.family import EXPERTS, family_paths
-    from eval_suite.synth.study import FamilyEvaluator, load_state
+    from eval_suite.synth.study import FamilyEvaluator, load_state, merge
 
     paths = family_paths(family)
     evaluator = FamilyEvaluator(paths["base"])
@@ -58,11 +45,11 @@ def run_family(family: Path, val_items: int, test_items: int, log=print) -> Dict
         t0 = time.time()
         sweep = {}
         for scale in LAMBDAS:
-            scores = evaluator.evaluate(_merge(method, parameters, scale, base, experts), "val", val_items)
+            scores = evaluator.evaluate(merge(method, scale, base, experts, parameters), "val", val_items)
             sweep[scale] = sum(scores.values()) / len(scores)
         best = max(sweep, key=sweep.get)
         t1 = time.time()
-        merged = _merge(method, parameters, best, base, experts)
+        merged = merge(method, best, base, experts, parameters)
         merge_seconds = time.time() - t1
         test = evaluator.evaluate(merged, "test", test_items)
         row = {"label": label, "method": method, "parameters": parameters, "lambda": best,

@@ -87,10 +87,12 @@ def load_state(path: Path) -> Dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def merge(method: str, lam: float, base: Dict[str, torch.Tensor], experts: Dict[str, Dict[str, torch.Tensor]]):
+def merge(method: str, lam: float, base: Dict[str, torch.Tensor], experts: Dict[str, Dict[str, torch.Tensor]],
+          parameters: Optional[dict] = None):
+    """In-process merge; ``parameters`` default to the study's settings for ``method``."""
     from mergekit.merge_methods.api import merge_state_dicts
 
-    parameters = dict(METHODS[method])
+    parameters = dict(METHODS[method] if parameters is None else parameters)
     parameters["lambda"] = lam
     models = {"base": base, **experts}
     with torch.no_grad():
