@@ -307,11 +307,7 @@ def _plot_kernels(data: Dict[str, Any], device: str, directory: Path) -> Optiona
     axes[0][0].set_ylabel("seconds per iteration")
     axes[0][-1].legend(fontsize=7)
     figure.suptitle(f"Per-iteration time, ours (solid) vs autograd (dotted), {device}")
-    figure.tight_layout()
-    name = f"kernels_{device}.png"
-    figure.savefig(directory / name, dpi=110)
-    plt.close(figure)
-    return name
+    return _save(plt, figure, directory, f"kernels_{device}.png")
 
 
 def _plot_merge(data: Dict[str, Any], device: str, directory: Path) -> Optional[str]:
@@ -336,11 +332,14 @@ def _plot_merge(data: Dict[str, Any], device: str, directory: Path) -> Optional[
             axis.tick_params(axis="y", labelsize=7)
             axis.invert_yaxis()
     figure.suptitle(f"Whole merges with stock mergekit-yaml ({device})")
+    return _save(plt, figure, directory, f"merge_{device}.png")
+
+
+def _save(plt, figure, directory: Path, name: str) -> str:
     figure.tight_layout()
-    filename = f"merge_{device}.png"
-    figure.savefig(directory / filename, dpi=110)
+    figure.savefig(directory / name, dpi=110)
     plt.close(figure)
-    return filename
+    return name
 
 
 # --------------------------------------------------------------------------
