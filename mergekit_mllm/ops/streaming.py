@@ -29,6 +29,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from mergekit_mllm.ops import fused
 from mergekit_mllm.ops.elementwise import _dare_generator
 
 #: Elements per chunk on the CPU (1 MiB of float32 per row of the chunk buffer).
@@ -56,8 +57,10 @@ class _Inputs:
         self.weights = [float(w) for w in weights]
         self.n = self.base.numel()
         self.count = len(self.experts)
+        #: run the fused (torch.compile) chunk kernels of mergekit_mllm.ops.fused
+        self.fused = fused.wanted(self.n, base.device, dtype)
         if chunk is None:
-            chunk = CPU_CHUNK if base.device.type == "cpu" else self.n
+            chunk = (fused.CHUNK if self.fused else CPU_CHUNK) if base.device.type == "cpu" else self.n
         self.chunk = max(1, min(chunk, self.n))
         self.dtype = dtype
         self._base_buffer = torch.empty(self.chunk, dtype=dtype, device=base.device)
@@ -90,6 +93,11 @@ class _Inputs:
             vectors[index].mul_(weight)
         return base, vectors
 
+    def raw(self, start: int, stop: int, dare: Optional["_Dare"]):
+        """Kernel arguments of :mod:`fused` for one chunk: base and expert slices, the DARE draw."""
+        uniform = dare.draw(stop - start) if dare is not None and dare.drop_rate > 0 else None
+        return self.base[start:stop], [e[start:stop] for e in self.experts], uniform
+
     def task_vector_at(self, index: int, positions: torch.Tensor) -> torch.Tensor:
         """Weighted τ of expert ``index`` at flat ``positions`` (compute dtype)."""
         base = self.base[positions].to(self.dtype)
@@ -105,6 +113,7 @@ class _Dare:
         self.tensor_name = tensor_name
         self.inputs = inputs
         self._uniform = torch.empty(inputs.chunk, dtype=torch.float32)
+        self._uniform_rows: Optional[torch.Tensor] = None
         self.restart()
 
     def restart(self) -> None:
@@ -121,6 +130,15 @@ class _Dare:
             keep = (uniform >= self.drop_rate).to(device=vectors.device)
             vectors[index].mul_(keep).div_(1.0 - self.drop_rate)
 
+    def draw(self, size: int) -> torch.Tensor:
+        """The next chunk's uniforms of every expert, N×size (the fused kernels drop with them)."""
+        if self._uniform_rows is None:
+            self._uniform_rows = torch.empty((self.inputs.count, self.inputs.chunk), dtype=torch.float32)
+        rows = self._uniform_rows[:, :size]
+        for index, generator in enumerate(self.generators):
+            rows[index].uniform_(generator=generator)
+        return rows
+
 
 def _chunks(inputs: _Inputs, dare: Optional[_Dare], check: bool = True):
     """(start, stop, base chunk, task-vector chunk) over the whole tensor, DARE applied when given
@@ -134,17 +152,80 @@ def _chunks(inputs: _Inputs, dare: Optional[_Dare], check: bool = True):
         yield start, stop, base, vectors
 
 
+class _FusedUnavailable(Exception):
+    """torch.compile failed; the caller reruns the method eagerly."""
+
+
+class _Fused:
+    """Calls the :mod:`fused` kernels for one tensor with its constant arguments as tensors
+    (one compiled graph per kernel, whatever λ, weights or drop rate)."""
+
+    def __init__(self, inputs: _Inputs, dare: Optional[_Dare], scale: float):
+        self.inputs = inputs
+        self.dare = dare if dare is not None and dare.drop_rate > 0 else None
+        f32 = dict(dtype=torch.float32, device=inputs.base.device)
+        self.weights = torch.tensor(inputs.weights, **f32)
+        rate = self.dare.drop_rate if self.dare is not None else 0.0
+        self.drop = torch.tensor(rate, **f32)
+        self.keep_divisor = torch.tensor(1.0 - rate, **f32)
+        self.scale = torch.tensor(scale, **f32)
+
+    def chunks(self):
+        if self.dare is not None:
+            self.dare.restart()
+        for start, stop in self.inputs.spans():
+            base, experts, uniform = self.inputs.raw(start, stop, self.dare)
+            yield start, stop, (base, experts, self.weights, uniform, self.drop, self.keep_divisor)
+
+    def call(self, name: str, *args):
+        try:
+            return fused.kernel(name)(*args)
+        except Exception as error:  # compilation (no compiler, unsupported platform): eager from here on
+            fused.disable(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            raise _FusedUnavailable() from error
+
+    def check_inputs(self, finite: torch.Tensor, start: int, stop: int) -> None:
+        if not bool(finite):
+            self.inputs.load(start, stop, check=True)  # raises NonFiniteInput naming the model
+
+
+def _with_fallback(fused_version, eager_version):
+    """Run ``fused_version`` when the inputs are fused; if compiling fails, ``eager_version``."""
+    def run(inputs: _Inputs, *args, **kwargs):
+        if inputs.fused:
+            try:
+                return fused_version(inputs, *args, **kwargs)
+            except _FusedUnavailable:
+                inputs.fused = False
+        return eager_version(inputs, *args, **kwargs)
+    return run
+
+
 def _finish(result: torch.Tensor, out: torch.Tensor, start: int, stop: int, name: str) -> None:
     if not bool(torch.isfinite(result).all()):
         raise FloatingPointError(name)
     out[start:stop].copy_(result)
 
 
-def weight_average(inputs: _Inputs, out: torch.Tensor, scale: float, name: str, dare: Optional[_Dare] = None,
-                   reduce: str = "mean") -> None:
+def _weight_average_eager(inputs: _Inputs, out: torch.Tensor, scale: float, name: str, dare: Optional[_Dare] = None,
+                          reduce: str = "mean") -> None:
     for start, stop, base, vectors in _chunks(inputs, dare):
         merged = vectors.mean(dim=0) if reduce == "mean" else vectors.sum(dim=0)
         _finish(base.add_(scale * merged), out, start, stop, name)
+
+
+def _weight_average_fused(inputs: _Inputs, out: torch.Tensor, scale: float, name: str, dare: Optional[_Dare] = None,
+                          reduce: str = "mean") -> None:
+    kernel = _Fused(inputs, dare, scale)
+    for start, stop, args in kernel.chunks():
+        result, finite_inputs, finite_result = kernel.call("sum", *args, kernel.scale, reduce == "mean", out.dtype)
+        kernel.check_inputs(finite_inputs, start, stop)
+        if not bool(finite_result):
+            raise FloatingPointError(name)
+        out[start:stop].copy_(result)
+
+
+weight_average = _with_fallback(_weight_average_fused, _weight_average_eager)
 
 
 # ---------------------------------------------------------------- TIES
@@ -209,14 +290,38 @@ def _thresholds(inputs: _Inputs, density: float, dare: Optional[_Dare]) -> List[
     # chunk temporaries fragments the heap, and RSS grew by GBs that way.
     capacity = int(2 * (2 * BRACKET) * n) + 4096
     inside = [_Growable(capacity, inputs.dtype, device) for _ in range(inputs.count)]
-    for _, _, _, vectors in _chunks(inputs, dare):
-        magnitudes = vectors.abs_()
-        below += (magnitudes < low).sum(dim=1)
-        at_low += (magnitudes == low).sum(dim=1)
-        at_high += (magnitudes == high).sum(dim=1)
-        window = (magnitudes > low) & (magnitudes < high)
+    if inputs.fused:
+        # one fused pass: the count below the bracket and its values, ties at both ends included
+        kernel = _Fused(inputs, dare, 0.0)
+        point = (low == high).view(-1).tolist()
+        for start, stop, args in kernel.chunks():
+            selected, below_here, finite = kernel.call("stats", *args, low.view(-1), high.view(-1))
+            kernel.check_inputs(finite, start, stop)
+            below += below_here
+            for index, values in enumerate(selected):
+                if point[index]:  # a one-value bracket (e.g. a tie at 0 of bf16 experts): count, don't keep
+                    at_low[index] += int((values >= 0).sum())
+                else:
+                    inside[index].extend(values[values >= 0])
+        thresholds = []
         for index in range(inputs.count):
-            inside[index].extend(magnitudes[index][window[index]])
+            values, below_i = inside[index].values(), int(below[index])
+            if point[index] and below_i < rank <= below_i + int(at_low[index]):
+                thresholds.append(low[index, 0])
+            elif not point[index] and below_i < rank <= below_i + values.numel():
+                thresholds.append(values.kthvalue(rank - below_i).values)
+            else:  # the sample's bracket missed: exact selection over the whole tensor
+                thresholds.append(_exact_threshold(inputs, index, rank, dare))
+        return thresholds
+    else:
+        for _, _, _, vectors in _chunks(inputs, dare):
+            magnitudes = vectors.abs_()
+            below += (magnitudes < low).sum(dim=1)
+            at_low += (magnitudes == low).sum(dim=1)
+            at_high += (magnitudes == high).sum(dim=1)
+            window = (magnitudes > low) & (magnitudes < high)
+            for index in range(inputs.count):
+                inside[index].extend(magnitudes[index][window[index]])
 
     thresholds: List[Optional[torch.Tensor]] = []
     for index in range(inputs.count):
@@ -246,12 +351,38 @@ def _count_along_experts(mask: torch.Tensor) -> torch.Tensor:
     return mask.sum(dim=0)
 
 
-def ties(inputs: _Inputs, out: torch.Tensor, scale: float, name: str, density: float,
-         dare: Optional[_Dare] = None) -> None:
+def _ties_fused(inputs: _Inputs, out: torch.Tensor, scale: float, name: str, density: float,
+                dare: Optional[_Dare] = None) -> None:
     thresholds = _thresholds(inputs, density, dare)
     keep_all = [t is None for t in thresholds]
-    threshold = torch.stack([t if t is not None else torch.zeros((), dtype=inputs.dtype, device=inputs.base.device)
-                             for t in thresholds]).unsqueeze(1)
+    threshold = _threshold_column(inputs, thresholds)  # keep-all rows: |τ| ≥ 0 keeps every entry
+    kernel = _Fused(inputs, dare, scale)
+    sign_total = 0
+    undecided = _Growable(4096, torch.int64, inputs.base.device)
+    for start, stop, args in kernel.chunks():
+        result, signs, undecided_here, any_undecided, finite_inputs, finite_result = kernel.call(
+            "ties", *args, threshold.view(-1), kernel.scale, out.dtype)
+        kernel.check_inputs(finite_inputs, start, stop)
+        if not bool(finite_result):
+            raise FloatingPointError(name)
+        sign_total += int(signs)  # a float32 sum of ±1 over ≤ 2^20 entries: exact
+        if bool(any_undecided):
+            undecided.extend(undecided_here.nonzero().squeeze(1) + start)
+        out[start:stop].copy_(result)
+    if undecided.size and sign_total > 0:
+        _fix_positive_majority(inputs, out, scale, undecided.values(), threshold, keep_all, dare)
+
+
+def _threshold_column(inputs: _Inputs, thresholds: List[Optional[torch.Tensor]]) -> torch.Tensor:
+    zero = torch.zeros((), dtype=inputs.dtype, device=inputs.base.device)
+    return torch.stack([t if t is not None else zero for t in thresholds]).unsqueeze(1)
+
+
+def _ties_eager(inputs: _Inputs, out: torch.Tensor, scale: float, name: str, density: float,
+                dare: Optional[_Dare] = None) -> None:
+    thresholds = _thresholds(inputs, density, dare)
+    keep_all = [t is None for t in thresholds]
+    threshold = _threshold_column(inputs, thresholds)
     sign_total = torch.zeros((), dtype=torch.int64, device=inputs.base.device)
     # flat positions whose trimmed sum is 0 with a non-zero entry (one growable buffer: see _thresholds)
     undecided = _Growable(4096, torch.int64, inputs.base.device)
@@ -277,6 +408,9 @@ def ties(inputs: _Inputs, out: torch.Tensor, scale: float, name: str, density: f
     if undecided.size and int(sign_total) > 0:
         positions = undecided.values()
         _fix_positive_majority(inputs, out, scale, positions, threshold, keep_all, dare)
+
+
+ties = _with_fallback(_ties_fused, _ties_eager)
 
 
 def _fix_positive_majority(inputs, out, scale, positions, threshold, keep_all, dare) -> None:

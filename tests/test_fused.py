@@ -1,0 +1,121 @@
+"""The fused (torch.compile) chunk kernels give the dense kernels' numbers, and fall back cleanly.
+
+`MERGEKIT_MLLM_COMPILE=1` forces them for tiny tensors (by default only tensors of
+≥ 4 M entries on the CPU use them). The first test of each kernel variant compiles it
+(seconds; inductor caches it on disk).
+"""
+
+import pytest
+import torch
+
+from mergekit.merge_methods.api import merge_tensors
+
+from mergekit_mllm.ops import fused, streaming
+from test_streaming import NAME, dense, inputs
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """Fused kernels on, a clean 'compile failed' state, and a record of the kernels called."""
+    monkeypatch.setenv("MERGEKIT_MLLM_COMPILE", "1")
+    monkeypatch.setattr(fused, "_failed", None)
+    calls = []
+    original = fused.kernel
+    monkeypatch.setattr(fused, "kernel", lambda name: calls.append(name) or original(name))
+    return calls
+
+
+CASES = [
+    ("weight_average", {}, torch.bfloat16, 37),
+    ("ties_merging", {"density": 0.2}, torch.bfloat16, 1000),
+    ("ties_merging", {"density": 1.0}, torch.float32, None),
+    ("dare_task_arithmetic", {"drop_rate": 0.3, "seed": 4}, torch.float32, 37),
+    ("dare_ties_merging", {"drop_rate": 0.3, "density": 0.2, "seed": 1}, torch.bfloat16, 37),
+]
+
+
+@pytest.mark.parametrize("method,params,dtype,chunk", CASES)
+def test_fused_equals_dense(compiled, method, params, dtype, chunk):
+    base, experts = inputs((63, 41), 4, dtype, seed=3)
+    weights = [1.0, 0.5, -0.7, 1.3]
+    got = streaming.merge(method, base, experts, weights, scale=0.7, dtype=torch.float32, tensor_name=NAME,
+                          chunk=chunk, **params)
+    assert fused._failed is None
+    assert compiled and set(compiled) <= {"sum", "stats", "ties"}
+    if "ties" in method and params["density"] < 1:
+        assert {"stats", "ties"} <= set(compiled)
+    torch.testing.assert_close(got, dense(method, base, experts, weights, 0.7, **params), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["ties_merging", "dare_ties_merging"])
+def test_fused_massive_ties_at_zero(compiled, method):
+    base, experts = inputs((50, 64), 5, torch.bfloat16, seed=5, sparse=True)
+    params = {"density": 0.2, "drop_rate": 0.2 if method.startswith("dare") else 0.0}
+    got = streaming.merge(method, base, experts, [1.0] * 5, scale=1.0, dtype=torch.float32, tensor_name=NAME,
+                          chunk=97, **params)
+    assert "stats" in compiled
+    torch.testing.assert_close(got, dense(method, base, experts, [1.0] * 5, 1.0, **params), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("majority", [1.0, -1.0])
+def test_fused_zero_sum_entries_take_the_majority_sign(compiled, majority):
+    base = torch.zeros(200)
+    first = torch.full((200,), majority * 0.5)
+    second = torch.zeros(200)
+    first[7], second[7] = 0.25, -0.25
+    first[150], second[150] = -0.25, 0.25
+    got = streaming.merge("ties_merging", base, [first, second], [1.0, 1.0], scale=1.0, dtype=torch.float32,
+                          chunk=16, density=1.0)
+    assert "ties" in compiled
+    assert got[7] == (0.25 if majority > 0 else -0.25) and got[150] == got[7]
+    torch.testing.assert_close(got, dense("ties_merging", base, [first, second], [1.0, 1.0], 1.0, density=1.0),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [0, 2])
+def test_fused_non_finite_input_is_named(compiled, bad):
+    base, experts = inputs((20, 20), 2, torch.float32, seed=8)
+    tensors = [base] + experts
+    tensors[bad] = tensors[bad].clone()
+    tensors[bad][13, 3] = float("inf")
+    with pytest.raises(ValueError, match="base model" if bad == 0 else "of model 2 "):
+        merge_tensors(tensors, "ties_merging", base_index=0, name=NAME)
+    assert compiled
+
+
+def test_compile_failure_falls_back_to_eager_once(monkeypatch, capsys):
+    monkeypatch.setenv("MERGEKIT_MLLM_COMPILE", "1")
+    monkeypatch.setattr(fused, "_failed", None)
+    attempts = []
+
+    def broken(name):
+        def run(*args):
+            attempts.append(name)
+            raise RuntimeError("no C++ compiler found")
+        return run
+
+    monkeypatch.setattr(fused, "kernel", broken)
+    base, experts = inputs((30, 30), 3, torch.bfloat16, seed=2)
+    for _ in range(2):
+        got = streaming.merge("ties_merging", base, experts, [1.0] * 3, scale=0.5, dtype=torch.float32, density=0.3)
+        torch.testing.assert_close(got, dense("ties_merging", base, experts, [1.0] * 3, 0.5, density=0.3),
+                                   rtol=0, atol=0)
+    assert attempts == ["stats"]  # tried once, then eager for the rest of the process
+    assert capsys.readouterr().err.count("torch.compile unavailable (RuntimeError: no C++ compiler found)") == 1
+
+
+def test_when_the_fused_kernels_are_used(monkeypatch):
+    monkeypatch.setattr(fused, "_failed", None)
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("MERGEKIT_MLLM_COMPILE", raising=False)
+    assert not fused.wanted(fused.MIN_ELEMENTS - 1, cpu, torch.float32)
+    assert fused.wanted(fused.MIN_ELEMENTS, cpu, torch.float32)
+    assert not fused.wanted(fused.MIN_ELEMENTS, cpu, torch.float64)  # float64 inputs: eager
+    assert not fused.wanted(fused.MIN_ELEMENTS, torch.device("meta"), torch.float32)
+    monkeypatch.setenv("MERGEKIT_MLLM_COMPILE", "0")
+    assert not fused.wanted(1 << 30, cpu, torch.float32)
+    monkeypatch.setenv("MERGEKIT_MLLM_COMPILE", "1")
+    assert fused.wanted(1, cpu, torch.float32)
+    monkeypatch.setenv("MERGEKIT_MLLM_COMPILE", "sometimes")
+    with pytest.raises(ValueError, match="MERGEKIT_MLLM_COMPILE='sometimes'"):
+        fused.wanted(1, cpu, torch.float32)
