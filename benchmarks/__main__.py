@@ -32,6 +32,9 @@ def main(argv=None) -> int:
         "--methods", type=str, default=None,
         help="merge: comma-separated methods; only the default runs of these (on the streaming checkpoint unless --matrix)",
     )
+    parser.add_argument("--wide", action="store_true",
+                        help="merge: element-wise methods vs task_arithmetic on two Qwen2-VL-7B-shaped layers "
+                             "(saved as merge_<device>_qwen2vl7b_layers.json)")
     parser.add_argument("--matrix", action="store_true", help="merge --methods: include the matrix-checkpoint runs")
     parser.add_argument("--elementwise-only", action="store_true",
                         help="kernels: re-time only the element-wise methods of the saved entries")
@@ -62,7 +65,11 @@ def main(argv=None) -> int:
                 if r.method in wanted and (args.matrix or r.checkpoint.name == whole_merge.default_runs(args.quick)[0].checkpoint.name)
                 and r.out_shard_size == whole_merge.default_runs(args.quick)[0].out_shard_size
             ]
-        whole_merge.run(device, quick=args.quick, workdir=args.workdir, runs=runs)
+        if args.wide:
+            whole_merge.run(device, workdir=args.workdir, runs=whole_merge.wide_runs(),
+                            save_as=f"merge_{device.type}_qwen2vl7b_layers")
+        else:
+            whole_merge.run(device, quick=args.quick, workdir=args.workdir, runs=runs)
     if args.section in ("scores", "all"):
         from benchmarks import scores
 

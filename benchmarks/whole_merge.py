@@ -74,6 +74,10 @@ class SyntheticCheckpoint:
 
 STREAMING = SyntheticCheckpoint("streaming", hidden=1024, intermediate=2816, layers=24, vocab=32000, heads=16, kv_heads=4)
 MATRIX = SyntheticCheckpoint("matrix", hidden=512, intermediate=1408, layers=4, vocab=8000, heads=8, kv_heads=2)
+#: two decoder layers with Qwen2-VL-7B's LM shapes (MLP 18944×3584, q/o 3584², k/v 512×3584), small vocab:
+#: where the element-wise kernels' time goes in a real 7B merge
+QWEN7B_LAYERS = SyntheticCheckpoint("qwen2vl7b_layers", hidden=3584, intermediate=18944, layers=2, vocab=8000,
+                                    heads=28, kv_heads=4)
 QUICK = SyntheticCheckpoint("quick", hidden=64, intermediate=176, layers=2, vocab=1000, heads=4, kv_heads=2)
 
 ELEMENTWISE = ("weight_average", "ties_merging", "dare_task_arithmetic", "dare_ties_merging")
@@ -95,6 +99,13 @@ class MergeRun:
         if self.out_shard_size:
             label += f" [shards {self.out_shard_size}]"
         return label
+
+
+def wide_runs() -> List[MergeRun]:
+    """Element-wise methods against task_arithmetic (first and last) on :data:`QWEN7B_LAYERS`."""
+    ta = {"weight": 1.0}
+    return ([MergeRun("task_arithmetic", QWEN7B_LAYERS, ta)] + [MergeRun(m, QWEN7B_LAYERS) for m in ELEMENTWISE]
+            + [MergeRun("task_arithmetic", QWEN7B_LAYERS, ta)])
 
 
 def default_runs(quick: bool = False) -> List[MergeRun]:
