@@ -23,9 +23,10 @@ def _parse_data_paths(values: Optional[Sequence[str]]) -> Dict[str, str]:
 
 
 def cmd_synth_build(args) -> int:
-    from eval_suite.synth.family import build_family
+    from eval_suite.synth.family import build_family, size_overrides_from
 
-    manifest = build_family(args.out, args.size, args.seed, threads=args.threads, force=args.force)
+    manifest = build_family(args.out, args.size, args.seed, threads=args.threads, force=args.force,
+                            size_overrides=size_overrides_from(args.set or []))
     print(f"base: {manifest['base']}")
     for name, path in manifest["experts"].items():
         print(f"expert {name}: {path}")
@@ -34,12 +35,13 @@ def cmd_synth_build(args) -> int:
 
 
 def cmd_synth_study(args) -> int:
+    from eval_suite.synth.family import size_overrides_from
     from eval_suite.synth.study import run_study
 
     command = "python -m eval_suite " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     run_study(args.out, size=args.size, seeds=args.seeds, methods=args.methods, lambdas=args.lambdas,
               val_items=args.val_items, test_items=args.test_items, threads=args.threads, report=args.report,
-              command=command)
+              command=command, size_overrides=size_overrides_from(args.set or []))
     return 0
 
 
@@ -94,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--threads", type=int, default=1, help="torch threads (part of the cache key; 1 = reproducible)")
     build.add_argument("--force", action="store_true", help="rebuild even if a matching build is cached")
+    build.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                       help="override a field of the size (e.g. patch_size=16, held_out_rate=0, expert_replay=0.5)")
     build.set_defaults(func=cmd_synth_build)
 
     study = synth_sub.add_parser("study", help="sensitivity study: base, experts and merges over seeds")
@@ -105,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--val-items", type=int, default=500)
     study.add_argument("--test-items", type=int, default=500)
     study.add_argument("--threads", type=int, default=1)
+    study.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a field of the family size")
     study.add_argument("--report", default=None, help="write the Markdown summary here (e.g. eval_suite/SYNTH_RESULTS.md)")
     study.set_defaults(func=cmd_synth_study)
 

@@ -74,6 +74,11 @@ class FamilySize:
     patch_size: int = 8
     #: the vision tower stays frozen after its pretraining (LLaVA-style instruction tuning)
     tune_vision: bool = False
+    #: share of each task's non-generalist question types the base sees (see HELD_OUT_RATE)
+    held_out_rate: float = 0.25
+    #: share of each expert's fine-tuning batches drawn from the base's own data mix (replay):
+    #: 0 = own task only. Replay removes the experts' forgetting (measured in SYNTH_RESULTS.md).
+    expert_replay: float = 0.0
 
     @property
     def num_image_tokens(self) -> int:
@@ -181,9 +186,10 @@ GENERALIST_QUESTION_TYPES: Dict[str, Sequence[str]] = {
 HELD_OUT_RATE = 0.25
 
 
-def _mixed_stream(tasks: Sequence[str], seed: int, stream: int, generalist: bool = False) -> Iterator[SynthItem]:
+def _mixed_stream(tasks: Sequence[str], seed: int, stream: int, generalist: bool = False,
+                  held_out_rate: float = HELD_OUT_RATE) -> Iterator[SynthItem]:
     """Round-robin over ``tasks``; ``stream`` separates base and expert data; ``generalist``
-    restricts each task to :data:`GENERALIST_QUESTION_TYPES` plus :data:`HELD_OUT_RATE` of the rest."""
+    restricts each task to :data:`GENERALIST_QUESTION_TYPES` plus ``held_out_rate`` of the rest."""
     import random
 
     iterators = [train_items(task, seed * 100 + stream, 10**9) for task in tasks]
@@ -192,9 +198,52 @@ def _mixed_stream(tasks: Sequence[str], seed: int, stream: int, generalist: bool
         for task, iterator in zip(tasks, iterators):
             while True:
                 item = next(iterator)
-                if not generalist or item.question_type in GENERALIST_QUESTION_TYPES[task] or keep.random() < HELD_OUT_RATE:
+                if not generalist or item.question_type in GENERALIST_QUESTION_TYPES[task] or keep.random() < held_out_rate:
                     break
             yield item
+
+
+def _expert_stream(task: str, seed: int, index: int, size: "FamilySize") -> Iterator[SynthItem]:
+    """Expert ``index``'s fine-tuning data: its task's whole distribution, with a share
+    ``size.expert_replay`` of the base's own data mix (a stream of its own) interleaved."""
+    import random
+
+    own = _mixed_stream([task], seed, stream=10 + index)
+    if size.expert_replay <= 0:
+        return own
+    general = _mixed_stream(list(TASKS), seed, stream=50 + index, generalist=True, held_out_rate=size.held_out_rate)
+    choose = random.Random(seed * 1000 + 500 + index)
+
+    def mixed() -> Iterator[SynthItem]:
+        while True:
+            yield next(general) if choose.random() < size.expert_replay else next(own)
+
+    return mixed()
+
+
+def size_overrides_from(pairs: Sequence[str]) -> Dict[str, object]:
+    """``["patch_size=16", "expert_replay=0.5"]`` → typed FamilySize overrides (clear error on unknown fields)."""
+    from dataclasses import fields
+
+    types = {f.name: f.type for f in fields(FamilySize) if f.name != "name"}
+    overrides: Dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or key not in types:
+            raise ValueError(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of {', '.join(types)}")
+        kind = types[key] if isinstance(types[key], str) else types[key].__name__
+        text = value.strip().lower()
+        try:
+            if kind == "bool":
+                if text not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(text)
+                overrides[key] = text in ("1", "true", "yes")
+            else:
+                overrides[key] = {"int": int, "float": float}[kind](text)
+        except ValueError:
+            raise ValueError(f"--set {pair!r}: {key} takes a {kind}") from None
+    return overrides
 
 
 def _cell_labels(label_image, cells: int) -> torch.Tensor:
@@ -321,7 +370,7 @@ def _family_key(size: FamilySize, seed: int, threads: int) -> dict:
 
 
 #: FamilySize fields that only affect the expert stage
-EXPERT_FIELDS = ("expert_steps", "expert_lr")
+EXPERT_FIELDS = ("expert_steps", "expert_lr", "expert_replay")
 
 
 def _base_key(key: dict) -> dict:
@@ -397,7 +446,8 @@ def _build(out: Path, size: FamilySize, seed: int, key: dict, log: Callable[[str
 
         log(f"[2/3] base: all five tasks ({size.base_steps} steps)")
         t0 = time.time()
-        train_answers(model, encoder, _mixed_stream(list(TASKS), seed, stream=1, generalist=True), steps=size.base_steps,
+        base_stream = _mixed_stream(list(TASKS), seed, stream=1, generalist=True, held_out_rate=size.held_out_rate)
+        train_answers(model, encoder, base_stream, steps=size.base_steps,
                       batch=size.batch, lr=size.base_lr, warmup=size.warmup, seed=seed + 1, log=log, label="base",
                       tune_vision=size.tune_vision)
         timings["base"] = time.time() - t0
@@ -412,7 +462,7 @@ def _build(out: Path, size: FamilySize, seed: int, key: dict, log: Callable[[str
         t0 = time.time()
         model.load_state_dict(base_state)
         task = CAPABILITIES[capability]
-        train_answers(model, encoder, _mixed_stream([task], seed, stream=10 + index), steps=size.expert_steps,
+        train_answers(model, encoder, _expert_stream(task, seed, index, size), steps=size.expert_steps,
                       batch=size.batch, lr=size.expert_lr, warmup=min(size.warmup, size.expert_steps // 5 + 1),
                       seed=seed + 10 + index, log=log, label=capability, tune_vision=size.tune_vision)
         model.set_attn_implementation("eager")

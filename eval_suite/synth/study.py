@@ -100,10 +100,11 @@ def merge(method: str, lam: float, base: Dict[str, torch.Tensor], experts: Dict[
 
 
 def run_seed(out: Path, size: str, seed: int, *, methods: Sequence[str], lambdas: Sequence[float],
-             val_items: int, test_items: int, threads: int, log: Callable[[str], None]) -> Dict[str, object]:
+             val_items: int, test_items: int, threads: int, log: Callable[[str], None],
+             size_overrides: Optional[dict] = None) -> Dict[str, object]:
     torch.set_num_threads(threads)
     family_dir = out / f"seed{seed}"
-    manifest = build_family(family_dir, size, seed, threads=threads, log=log)
+    manifest = build_family(family_dir, size, seed, threads=threads, log=log, size_overrides=size_overrides)
     settings = {"family_key": manifest["key"], "methods": list(methods), "lambdas": list(lambdas),
                 "val_items": val_items, "test_items": test_items}
     cached = family_dir / "study.json"
@@ -320,7 +321,8 @@ def render_markdown(seed_results: Sequence[dict], command: str) -> str:
 
 def run_study(out, *, size: str = "full", seeds: Sequence[int] = (0, 1, 2), methods: Optional[Sequence[str]] = None,
               lambdas: Sequence[float] = LAMBDA_GRID, val_items: int = 500, test_items: int = 500, threads: int = 1,
-              report: Optional[str] = None, command: str = "", log: Callable[[str], None] = print) -> List[dict]:
+              report: Optional[str] = None, command: str = "", log: Callable[[str], None] = print,
+              size_overrides: Optional[dict] = None) -> List[dict]:
     out = Path(out)
     methods = list(methods or METHODS)
     unknown = [m for m in methods if m not in METHODS]
@@ -329,7 +331,7 @@ def run_study(out, *, size: str = "full", seeds: Sequence[int] = (0, 1, 2), meth
     results = []
     for seed in seeds:
         result = run_seed(out, size, seed, methods=methods, lambdas=lambdas, val_items=val_items,
-                          test_items=test_items, threads=threads, log=log)
+                          test_items=test_items, threads=threads, log=log, size_overrides=size_overrides)
         result.update({"val_items": val_items, "test_items": test_items})
         results.append(result)
     (out / "study.json").write_text(json.dumps(results, indent=2) + "\n")

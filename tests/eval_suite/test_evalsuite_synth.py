@@ -232,3 +232,46 @@ def test_changing_only_expert_settings_reuses_the_base(tmp_path):
     build_family(fresh, "smoke", seed=0, log=lambda m: None, size_overrides={"expert_steps": 3})
     a, b = load_state(family_paths(out)["ocr"]), load_state(family_paths(fresh)["ocr"])
     assert all(torch.equal(a[k], b[k]) for k in a)  # identical to building from scratch
+
+
+def test_expert_replay_mixes_the_base_data_and_reuses_the_base(tmp_path):
+    from dataclasses import replace
+
+    from eval_suite.synth.family import GENERALIST_QUESTION_TYPES, SIZES, _expert_stream
+    from eval_suite.synth.study import load_state
+
+    size = replace(SIZES["smoke"], expert_replay=0.5, held_out_rate=0.0)
+    items = [next(stream) for stream in [_expert_stream("synth_ocr", 0, 3, size)] for _ in range(400)]
+    foreign = [item for item in items if item.task != "synth_ocr"]
+    assert 0.3 < len(foreign) / len(items) < 0.55  # half replay, of which a fifth is ocr again
+    # the replayed items follow the base's mix: generalist question types only at held_out_rate 0
+    assert all(item.question_type in GENERALIST_QUESTION_TYPES[item.task] for item in foreign)
+    assert {item.task for item in foreign} == set(synth.TASKS) - {"synth_ocr"}
+    own_only = [next(s) for s in [_expert_stream("synth_ocr", 0, 3, SIZES["smoke"])] for _ in range(50)]
+    assert {item.task for item in own_only} == {"synth_ocr"}
+
+    out = tmp_path / "fam"
+    build_family(out, "smoke", seed=0, log=lambda m: None)
+    base = load_state(family_paths(out)["base"])
+    ocr = load_state(family_paths(out)["ocr"])
+    messages = []
+    build_family(out, "smoke", seed=0, log=messages.append, size_overrides={"expert_replay": 0.5})
+    assert any("reusing the base" in m for m in messages)
+    assert all(torch.equal(base[k], v) for k, v in load_state(family_paths(out)["base"]).items())
+    replayed = load_state(family_paths(out)["ocr"])
+    assert any(not torch.equal(ocr[k], replayed[k]) for k in ocr)
+
+
+def test_size_overrides_from_the_command_line(tmp_path, capsys):
+    from eval_suite.cli import main
+    from eval_suite.synth.family import size_overrides_from
+
+    assert size_overrides_from(["patch_size=16", "held_out_rate=0", "expert_replay=0.5", "tune_vision=yes"]) == {
+        "patch_size": 16, "held_out_rate": 0.0, "expert_replay": 0.5, "tune_vision": True}
+    for bad, message in [("nope=1", "FIELD one of"), ("patch_size=1.5", "patch_size takes a int"),
+                         ("tune_vision=maybe", "tune_vision takes a bool"), ("expert_lr", "FIELD=VALUE")]:
+        with pytest.raises(ValueError, match=message):
+            size_overrides_from([bad])
+    out = tmp_path / "fam"
+    assert main(["synth", "build", "--size", "smoke", "--out", str(out), "--set", "expert_steps=1"]) == 0
+    assert json.loads((out / "family.json").read_text())["key"]["size"]["expert_steps"] == 1
