@@ -1,7 +1,7 @@
 """Per-task and per-question-type scores of a synthetic family's base, experts and a few merges.
 
 ``python -m eval_suite.synth.probe FAMILY_DIR [--limit 200] [--split val] [--models base,vqa,…]
-[--merges task_arithmetic:0.3,weight_average:1]`` — the design probe behind the last section of
+[--merges task_arithmetic:0.3,weight_average:1] [--scale geometry]`` — the design probe behind the last section of
 ``eval_suite/SYNTH_RESULTS.md`` (merges in memory, as ``synth study`` does).
 """
 import argparse, collections, json, tempfile
@@ -18,6 +18,9 @@ ap = argparse.ArgumentParser(); ap.add_argument('family'); ap.add_argument('--li
 ap.add_argument('--merges', default='task_arithmetic:0.3,task_arithmetic:0.5,task_arithmetic:1.0,weight_average:1')
 ap.add_argument('--models', default='base,' + ','.join(EXPERTS))
 ap.add_argument('--split', default='val')
+ap.add_argument('--scale', default=None, metavar='EXPERT',
+                help="also score base + α·τ_EXPERT on the expert's own task for α in --alphas")
+ap.add_argument('--alphas', default='0,0.25,0.5,0.75,1,1.25')
 a = ap.parse_args()
 paths = family_paths(Path(a.family))
 ev = FamilyEvaluator(paths['base'])
@@ -45,3 +48,11 @@ for spec in a.merges.split(','):
     if not spec: continue
     meth, lam = spec.split(':')
     run(spec, merge(meth, float(lam), base, ex))
+if a.scale:
+    from eval_suite.synth.tasks import CAPABILITIES
+    own, expert = CAPABILITIES[a.scale], ex[a.scale]
+    for alpha in (float(x) for x in a.alphas.split(',')):
+        state = {k: base[k] + alpha * (expert[k] - base[k]) if base[k].is_floating_point() else base[k] for k in base}
+        ev.model.load_state_dict(state, strict=False)
+        score = evaluate_task(ev.adapter, make_task(own, split=a.split), limit=a.limit)['score']
+        print(f"base + {alpha:g}·τ_{a.scale}: {own} = {score:.1f}", flush=True)
