@@ -20,6 +20,10 @@ output once:
 Results are identical to the dense kernels (same float32 operations in the same
 order per entry; DARE masks come from the same per-expert generator, drawn in
 order — ``torch.rand`` on the CPU is chunk-consistent).
+
+On the CPU, large tensors run each pass as one fused ``torch.compile`` kernel
+(:mod:`mergekit_mllm.ops.fused`, same expressions; eager fallback when compiling
+fails).
 """
 
 from __future__ import annotations
@@ -291,37 +295,15 @@ def _thresholds(inputs: _Inputs, density: float, dare: Optional[_Dare]) -> List[
     capacity = int(2 * (2 * BRACKET) * n) + 4096
     inside = [_Growable(capacity, inputs.dtype, device) for _ in range(inputs.count)]
     if inputs.fused:
-        # one fused pass: the count below the bracket and its values, ties at both ends included
-        kernel = _Fused(inputs, dare, 0.0)
-        point = (low == high).view(-1).tolist()
-        for start, stop, args in kernel.chunks():
-            selected, below_here, finite = kernel.call("stats", *args, low.view(-1), high.view(-1))
-            kernel.check_inputs(finite, start, stop)
-            below += below_here
-            for index, values in enumerate(selected):
-                if point[index]:  # a one-value bracket (e.g. a tie at 0 of bf16 experts): count, don't keep
-                    at_low[index] += int((values >= 0).sum())
-                else:
-                    inside[index].extend(values[values >= 0])
-        thresholds = []
+        return _fused_selection(inputs, rank, low, high, inside, dare)
+    for _, _, _, vectors in _chunks(inputs, dare):
+        magnitudes = vectors.abs_()
+        below += (magnitudes < low).sum(dim=1)
+        at_low += (magnitudes == low).sum(dim=1)
+        at_high += (magnitudes == high).sum(dim=1)
+        window = (magnitudes > low) & (magnitudes < high)
         for index in range(inputs.count):
-            values, below_i = inside[index].values(), int(below[index])
-            if point[index] and below_i < rank <= below_i + int(at_low[index]):
-                thresholds.append(low[index, 0])
-            elif not point[index] and below_i < rank <= below_i + values.numel():
-                thresholds.append(values.kthvalue(rank - below_i).values)
-            else:  # the sample's bracket missed: exact selection over the whole tensor
-                thresholds.append(_exact_threshold(inputs, index, rank, dare))
-        return thresholds
-    else:
-        for _, _, _, vectors in _chunks(inputs, dare):
-            magnitudes = vectors.abs_()
-            below += (magnitudes < low).sum(dim=1)
-            at_low += (magnitudes == low).sum(dim=1)
-            at_high += (magnitudes == high).sum(dim=1)
-            window = (magnitudes > low) & (magnitudes < high)
-            for index in range(inputs.count):
-                inside[index].extend(magnitudes[index][window[index]])
+            inside[index].extend(magnitudes[index][window[index]])
 
     thresholds: List[Optional[torch.Tensor]] = []
     for index in range(inputs.count):
@@ -334,6 +316,36 @@ def _thresholds(inputs: _Inputs, density: float, dare: Optional[_Dare]) -> List[
             thresholds.append(values.kthvalue(rank - below_i - at_low_i).values)
         elif low[index, 0] < high[index, 0] and inside_i < rank <= inside_i + int(at_high[index]):
             thresholds.append(high[index, 0])
+        else:  # the sample's bracket missed: exact selection over the whole tensor
+            thresholds.append(_exact_threshold(inputs, index, rank, dare))
+    return thresholds
+
+
+def _fused_selection(inputs: _Inputs, rank: int, low: torch.Tensor, high: torch.Tensor, inside: List[_Growable],
+                     dare: Optional[_Dare]) -> List[torch.Tensor]:
+    """:func:`_thresholds`' counting pass as one fused kernel per chunk: the count below the
+    bracket and the values inside it, ties at both ends included (a one-value bracket, e.g. a
+    tie at 0 of bf16 experts, is only counted)."""
+    kernel = _Fused(inputs, dare, 0.0)
+    point = (low == high).view(-1).tolist()
+    below = torch.zeros(inputs.count, dtype=torch.int64)
+    at_point = [0] * inputs.count
+    for start, stop, args in kernel.chunks():
+        selected, below_here, finite = kernel.call("stats", *args, low.view(-1), high.view(-1))
+        kernel.check_inputs(finite, start, stop)
+        below += below_here.cpu()
+        for index, values in enumerate(selected):
+            if point[index]:
+                at_point[index] += int((values >= 0).sum())
+            else:
+                inside[index].extend(values[values >= 0])
+    thresholds = []
+    for index in range(inputs.count):
+        values, below_i = inside[index].values(), int(below[index])
+        if point[index] and below_i < rank <= below_i + at_point[index]:
+            thresholds.append(low[index, 0])
+        elif not point[index] and below_i < rank <= below_i + values.numel():
+            thresholds.append(values.kthvalue(rank - below_i).values)
         else:  # the sample's bracket missed: exact selection over the whole tensor
             thresholds.append(_exact_threshold(inputs, index, rank, dare))
     return thresholds
