@@ -119,6 +119,7 @@ def doctor_report() -> dict:
     report["methods_registered"] = [n for n in METHOD_NAMES if n in names]
     report["methods_missing"] = [n for n in METHOD_NAMES if n not in names]
     report["extensions_applied"] = _plugin.applied_extensions()
+    report["fused_kernels"] = _fused_kernels_status()
     try:
         from mergekit_mllm.architectures import installed_architectures
 
@@ -126,6 +127,27 @@ def doctor_report() -> dict:
     except ImportError:
         report["architectures_patched"] = []
     return report
+
+
+def _fused_kernels_status() -> str:
+    """Whether element-wise methods can use the torch.compile kernels (mergekit_mllm.ops.fused)."""
+    import os
+    import shutil
+
+    from mergekit_mllm.ops import fused
+
+    try:
+        mode = fused.mode()
+    except ValueError as error:
+        return f"invalid setting: {error}"
+    if mode == "off":
+        return "off (MERGEKIT_MLLM_COMPILE=0)"
+    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    compiler = next((shutil.which(c) for c in candidates if shutil.which(c)), None)
+    if compiler is None:
+        return f"{mode}, but no C++ compiler found ({', '.join(candidates)}): element-wise methods run eagerly"
+    scope = "every CPU tensor" if mode == "on" else f"CPU tensors of >= {fused.MIN_ELEMENTS:,} entries"
+    return f"{mode}: {scope} (C++ compiler {compiler})"
 
 
 @click.command("doctor")
