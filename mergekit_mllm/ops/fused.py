@@ -7,16 +7,17 @@ traffic, not the arithmetic, is the cost. Inductor fuses each pass of
 inputs once and writes the result once.
 
 The kernels compute the same float32 expressions as the eager code, in the same
-order per entry: task vectors, magnitudes and the trim thresholds are identical;
-the merged value may differ from the eager one by float32 rounding where the
-compiler contracts ``base + λ·τ`` into a fused multiply-add (tested).
+order per entry, so the trim thresholds and the merged tensors are bit-identical
+to the eager (and dense) ones — asserted by ``tests/test_fused.py`` and by the
+end-to-end test that runs stock ``mergekit-yaml`` both ways.
 
 When it is used (``MERGEKIT_MLLM_COMPILE``):
 
-* ``auto`` (default): on the CPU, for tensors of at least
-  :data:`MIN_ELEMENTS` entries. Compiling costs seconds once per kernel
-  variant (≈11 s for TIES's two kernels on a 2-core CPU, cold cache) (inductor caches it on disk for later runs); a 7B model's large
-  matrices repay that many times, a tiny test model would not.
+* ``auto`` (default): on the CPU, for tensors of at least :data:`MIN_ELEMENTS`
+  entries. Compiling costs seconds once per kernel variant (≈11 s for TIES's two
+  kernels on a 2-core CPU with an empty cache; inductor caches them on disk, and a
+  later process loads them in ≈3 s); a 7B model's large matrices repay that many
+  times, a tiny test model would not.
 * ``1``: for every CPU tensor (tests); ``0``: never.
 
 If compilation fails (no C++ compiler, unsupported platform) a warning is
@@ -31,7 +32,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-#: ``auto`` compiles only for tensors at least this large (Qwen2-VL-7B: q/o 12.8 M, MLP 68 M; k/v, 1.8 M, stay eager).
+#: ``auto`` compiles only for tensors at least this large
+#: (Qwen2-VL-7B: q/o 12.8 M and MLP 68 M entries are fused; k/v, 1.8 M, stay eager).
 MIN_ELEMENTS = 1 << 22
 #: elements per chunk for the fused kernels (they need no cache-sized temporaries)
 CHUNK = 1 << 20
