@@ -8,10 +8,10 @@
 import pytest
 import torch
 
-from mergekit.merge_methods.api import merge_tensors
 
 from mergekit_mllm.ops import fused, streaming
 from test_streaming import NAME, dense, inputs
+from test_streaming import test_non_finite_input_is_named as check_non_finite_input_is_named
 
 
 @pytest.fixture
@@ -74,12 +74,7 @@ def test_fused_zero_sum_entries_take_the_majority_sign(compiled, majority):
 
 @pytest.mark.parametrize("bad", [0, 2])
 def test_fused_non_finite_input_is_named(compiled, bad):
-    base, experts = inputs((20, 20), 2, torch.float32, seed=8)
-    tensors = [base] + experts
-    tensors[bad] = tensors[bad].clone()
-    tensors[bad][13, 3] = float("inf")
-    with pytest.raises(ValueError, match="base model" if bad == 0 else "of model 2 "):
-        merge_tensors(tensors, "ties_merging", base_index=0, name=NAME)
+    check_non_finite_input_is_named(bad, value=float("inf"))
     assert compiled
 
 

@@ -119,11 +119,11 @@ def test_dare_masks_do_not_depend_on_chunking():
 
 
 @pytest.mark.parametrize("bad", [0, 2])
-def test_non_finite_input_is_named(bad):
+def test_non_finite_input_is_named(bad, value=float("nan")):
     base, experts = inputs((20, 20), 2, torch.float32, seed=8)
     tensors = [base] + experts
     tensors[bad] = tensors[bad].clone()
-    tensors[bad][13, 3] = float("nan")
+    tensors[bad][13, 3] = value
     with pytest.raises(ValueError, match="base model" if bad == 0 else "of model 2 "):
         merge_tensors(tensors, "ties_merging", base_index=0, name=NAME)
 
