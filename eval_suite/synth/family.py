@@ -49,7 +49,7 @@ from eval_suite.synth.tasks import (
 )
 from eval_suite.synth.tokenizer import IMAGE_TOKEN, build_processor, build_tokenizer
 
-FAMILY_VERSION = "2"
+FAMILY_VERSION = "3"
 LABEL_CELL = 4  # vision pretraining predicts the label of every 4×4-px cell
 EXPERTS = tuple(CAPABILITIES)  # vqa, geometry, chart, ocr, grounding
 CONFIG_MARKER = "eval_suite_synth"  # key in config.json that identifies the family
@@ -71,14 +71,14 @@ class FamilySize:
     base_lr: float = 2e-3
     expert_lr: float = 1e-3
     warmup: int = 50
-    patch_size: int = 8
+    patch_size: int = 16
     #: the vision tower stays frozen after its pretraining (LLaVA-style instruction tuning)
     tune_vision: bool = False
     #: share of each task's non-generalist question types the base sees (see HELD_OUT_RATE)
-    held_out_rate: float = 0.25
+    held_out_rate: float = 0.1
     #: share of each expert's fine-tuning batches drawn from the base's own data mix (replay):
     #: 0 = own task only. Replay removes the experts' forgetting (measured in SYNTH_RESULTS.md).
-    expert_replay: float = 0.0
+    expert_replay: float = 0.5
 
     @property
     def num_image_tokens(self) -> int:
@@ -87,9 +87,10 @@ class FamilySize:
 
 SIZES: Dict[str, FamilySize] = {
     # `smoke` is for the test-suite only: seconds to build, untrained-quality models.
-    "smoke": FamilySize("smoke", 32, 1, 32, 1, vision_steps=2, base_steps=3, expert_steps=2, vision_batch=8, batch=8, warmup=1),
-    "ci": FamilySize("ci", 128, 2, 128, 3, vision_steps=150, base_steps=350, expert_steps=30),
-    "full": FamilySize("full", 128, 2, 128, 3, vision_steps=300, base_steps=1000, expert_steps=150),
+    "smoke": FamilySize("smoke", 32, 1, 32, 1, vision_steps=2, base_steps=3, expert_steps=2, vision_batch=8, batch=8,
+                        warmup=1, patch_size=8),
+    "ci": FamilySize("ci", 128, 2, 128, 3, vision_steps=150, base_steps=600, expert_steps=100),
+    "full": FamilySize("full", 128, 2, 128, 3, vision_steps=300, base_steps=3000, expert_steps=1000),
 }
 
 
@@ -172,10 +173,10 @@ class Encoder:
 #: covers every type. Each held-out type reuses a skill the base has (reading values, binding a
 #: colour word, counting), so a short fine-tune can learn it.
 GENERALIST_QUESTION_TYPES: Dict[str, Sequence[str]] = {
-    "synth_vqa": ("count_all", "exists", "color_of"),            # experts add count_color, count_shape, shape_of
+    "synth_vqa": ("count_all", "color_of"),                      # experts add shape_of, shape_of_all
     "synth_geometry": ("angle", "area"),                         # + length, perimeter
-    "synth_chart": ("value", "max_value"),                       # + tallest/shortest colour, bar count
-    "synth_ocr": ("length_3",),                                  # + strings of 4 and 5 letters
+    "synth_chart": ("first_value", "max_value"),                 # + shortest bar's value, max − min
+    "synth_ocr": ("length_1",),                                  # + strings of 2 and 3 letters
     "synth_grounding": ("single",),                              # + scenes with distractors
 }
 
@@ -183,7 +184,7 @@ GENERALIST_QUESTION_TYPES: Dict[str, Sequence[str]] = {
 #: fraction of each task's other question types the base still sees: the base has a partial skill
 #: on them (as a real generalist has on every capability) which the expert sharpens. With 0 the
 #: experts must learn new circuits from scratch, and no merge keeps any of that (measured).
-HELD_OUT_RATE = 0.25
+HELD_OUT_RATE = 0.1
 
 
 def _mixed_stream(tasks: Sequence[str], seed: int, stream: int, generalist: bool = False,

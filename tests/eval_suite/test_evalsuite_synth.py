@@ -36,14 +36,21 @@ def test_unknown_task_and_split():
 
 
 def test_answers_match_the_rendered_scene():
-    chart = next(i for i in synth.eval_items("synth_chart", "val", 50) if i.question_type == "value")
-    color = chart.question.split("of the ")[1].split(" bar")[0]
-    value = chart.spec["values"][chart.spec["colors"].index(color)]
-    assert chart.answers == (str(value),)
-    image = chart.image()
-    column = 4 + chart.spec["colors"].index(color) * synth.BAR_PITCH + 2
-    bar_pixels = sum(image.getpixel((column, y)) == synth.COLORS[color] for y in range(synth.IMAGE_SIZE))
-    assert bar_pixels == round(value * synth.CHART_SCALE)
+    items = synth.eval_items("synth_chart", "val", 50)
+    for kind, index in (("first_value", lambda values: 0), ("min_value", lambda values: values.index(min(values)))):
+        chart = next(i for i in items if i.question_type == kind)
+        bar = index(chart.spec["values"])
+        value, color = chart.spec["values"][bar], chart.spec["colors"][bar]
+        assert chart.answers == (str(value),)
+        image = chart.image()
+        column = 4 + bar * synth.BAR_PITCH + 2
+        bar_pixels = sum(image.getpixel((column, y)) == synth.COLORS[color] for y in range(synth.IMAGE_SIZE))
+        assert bar_pixels == round(value * synth.CHART_SCALE)
+    lone = next(i for i in synth.eval_items("synth_vqa", "val", 50) if i.question_type == "color_of")
+    assert len(lone.spec["objects"]) == 1 and lone.answers == (lone.spec["objects"][0]["color"],)
+    assert lone.image().getpixel(tuple((a + b) // 2 for a, b in zip(lone.spec["objects"][0]["box"][:2],
+                                                                       lone.spec["objects"][0]["box"][2:]))) \
+        == synth.COLORS[lone.answers[0]]
     box = next(iter(synth.eval_items("synth_grounding", "val", 1)))
     x0, y0, x1, y1 = box.spec["objects"][box.spec["target"]]["box"]
     assert box.answers[0] == f"({x0 * 1000 // 64},{y0 * 1000 // 64}),({x1 * 1000 // 64},{y1 * 1000 // 64})"
@@ -247,7 +254,9 @@ def test_expert_replay_mixes_the_base_data_and_reuses_the_base(tmp_path):
     # the replayed items follow the base's mix: generalist question types only at held_out_rate 0
     assert all(item.question_type in GENERALIST_QUESTION_TYPES[item.task] for item in foreign)
     assert {item.task for item in foreign} == set(synth.TASKS) - {"synth_ocr"}
-    own_only = [next(s) for s in [_expert_stream("synth_ocr", 0, 3, SIZES["smoke"])] for _ in range(50)]
+    assert SIZES["smoke"].expert_replay == SIZES["full"].expert_replay == 0.5  # the shipped design replays
+    no_replay = replace(SIZES["smoke"], expert_replay=0.0)
+    own_only = [next(s) for s in [_expert_stream("synth_ocr", 0, 3, no_replay)] for _ in range(50)]
     assert {item.task for item in own_only} == {"synth_ocr"}
 
     out = tmp_path / "fam"
@@ -255,7 +264,7 @@ def test_expert_replay_mixes_the_base_data_and_reuses_the_base(tmp_path):
     base = load_state(family_paths(out)["base"])
     ocr = load_state(family_paths(out)["ocr"])
     messages = []
-    build_family(out, "smoke", seed=0, log=messages.append, size_overrides={"expert_replay": 0.5})
+    build_family(out, "smoke", seed=0, log=messages.append, size_overrides={"expert_replay": 0.0})
     assert any("reusing the base" in m for m in messages)
     assert all(torch.equal(base[k], v) for k, v in load_state(family_paths(out)["base"]).items())
     replayed = load_state(family_paths(out)["ocr"])
