@@ -16,7 +16,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -102,7 +102,41 @@ def render(data: Dict[str, object]) -> List[str]:
             cells.append(f"{row['test_average']:.2f} ({row['lambda']:g})")
             values.append(row["test_average"])
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {sum(values) / len(values):.2f} |")
+    lines += _paired_lines(families, labels)
     return lines
+
+
+def _counterpart(label: str, labels: List[str]) -> Optional[str]:
+    """The iterative row a closed form is compared with (same objective), e.g. wudi_exact → wudi (Adam…)."""
+    if "(" in label:
+        return None
+    family = "wudi" if "wudi" in label else ("optmerge " + label.split()[-1] if label.startswith("optmerge") else None)
+    return next((other for other in labels if "(" in other and family and other.startswith(family + " ")), None)
+
+
+def _paired_lines(families: List[dict], labels: List[str]) -> List[str]:
+    """Iterative − closed form per family seed (same family, same test items), against the seed spread."""
+    import statistics
+
+    def scores(label: str) -> List[float]:
+        return [next(r["test_average"] for r in f["rows"] if r["label"] == label) for f in families]
+
+    rows = []
+    for label in labels:
+        other = _counterpart(label, labels)
+        if other is None:
+            continue
+        diffs = [a - b for a, b in zip(scores(other), scores(label))]
+        mean = sum(diffs) / len(diffs)
+        spread = max(statistics.stdev(scores(other)), statistics.stdev(scores(label))) if len(diffs) > 1 else float("nan")
+        verdict = "yes" if len(diffs) > 1 and abs(mean) > spread and all(d * mean > 0 for d in diffs) else "no"
+        rows.append(f"| {other} − {label} | " + ", ".join(f"{d:+.2f}" for d in diffs)
+                    + f" | {mean:+.2f} | {spread:.2f} | {verdict} |")
+    if not rows:
+        return []
+    return ["", "Paired differences, iterative − closed form (same family seed, same test items); "
+            "\"beyond\" = |mean| larger than the larger seed-to-seed std of the two rows and the same sign in every seed:",
+            "", "| comparison | per seed | mean | seed spread | beyond |", "|---|---|---|---|---|", *rows]
 
 
 if __name__ == "__main__":

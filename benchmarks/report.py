@@ -400,9 +400,8 @@ def write(output: Optional[Path] = None, include_quick: bool = False, results_di
         from benchmarks.closed_form_scores import render as render_closed_forms
 
         lines += render_closed_forms(data)
-        lines += ["", "Seed-to-seed spread of the five-task average is ≈ 3 points on this benchmark "
-                  "(`eval_suite/SYNTH_RESULTS.md`), so none of these differences is a finding; the "
-                  "closed forms score within that noise of the iterative methods, in a fraction of the merge time."]
+        lines += ["", "Seed-to-seed spreads and the method comparisons of the benchmark itself: "
+                  "`eval_suite/SYNTH_RESULTS.md`; what these rows show: the notes at the end."]
     if score_runs:
         from benchmarks.scores import render
 

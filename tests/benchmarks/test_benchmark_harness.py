@@ -130,3 +130,20 @@ def test_report_renders_saved_results(tmp_path):
     assert "| weight_average | 12.0 s | 1.2× | 3.00 GiB | **no** | 4.00 GiB | 0 |" in text
     assert "skipped" in text and "No GPU was lent" in text
     assert (tmp_path / "kernels_cpu.png").exists() and (tmp_path / "merge_cpu.png").exists()
+
+
+def test_closed_form_scores_pair_each_closed_form_with_its_iterative_method():
+    from benchmarks.closed_form_scores import render
+
+    def family(name, scores):
+        return {"family": f"/x/{name}", "rows": [{"label": k, "test_average": v, "lambda": 0.3} for k, v in scores.items()]}
+
+    scores = [{"wudi (Adam, 300 steps)": 55.0 + s, "wudi_exact": 52.0 + s, "swudi": 55.5 - s,
+               "optmerge full (Adam, 300 steps)": 56.0, "optmerge_exact full": 56.0 + s} for s in (0.0, 0.5, 1.0)]
+    data = {"val_items": 200, "test_items": 500, "families": {f"seed{i}": family(f"seed{i}", s) for i, s in enumerate(scores)}}
+    text = "\n".join(render(data))
+    assert "| wudi (Adam, 300 steps) − wudi_exact | +3.00, +3.00, +3.00 | +3.00 | 0.50 | yes |" in text
+    assert "| wudi (Adam, 300 steps) − swudi | -0.50, +0.50, +1.50 | +0.50 | 0.50 | no |" in text
+    assert "| optmerge full (Adam, 300 steps) − optmerge_exact full | +0.00, -0.50, -1.00 | -0.50 | 0.50 | no |" in text
+    # iterative rows are not compared with themselves
+    assert sum(line.startswith("| ") and " − " in line for line in text.splitlines()) == 3
