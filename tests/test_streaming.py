@@ -94,6 +94,28 @@ def test_bracket_miss_falls_back_to_exact_selection(monkeypatch):
                                rtol=0, atol=0)
 
 
+def test_dare_ties_draws_its_masks_once_and_replays_them(monkeypatch):
+    """DARE+TIES reads the tensor in several passes (here forced up to N + 2 by an empty threshold
+    bracket); only the first complete pass draws from the generators, the others replay its masks."""
+    created = []
+    original = streaming._dare_generator
+
+    def counting(*args):
+        created.append(args[2])
+        return original(*args)
+
+    monkeypatch.setattr(streaming, "_dare_generator", counting)
+    monkeypatch.setattr(streaming, "BRACKET", -0.2)
+    base, experts = inputs((40, 40), 3, torch.bfloat16, seed=8)
+    params = {"drop_rate": 0.4, "density": 0.3, "seed": 2}
+    got = streaming.merge("dare_ties_merging", base, experts, [1.0, 0.5, 2.0], scale=0.9, dtype=torch.float32,
+                          tensor_name=NAME, chunk=101, **params)
+    assert created == [0, 1, 2, 0, 1, 2]  # at construction and for the recording pass; no redraws
+    monkeypatch.setattr(streaming, "_dare_generator", original)
+    torch.testing.assert_close(got, dense("dare_ties_merging", base, experts, [1.0, 0.5, 2.0], 0.9, **params),
+                               rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("majority", [1.0, -1.0])
 def test_zero_sum_entries_take_the_majority_sign(majority):
     """Entries where trimmed values cancel exactly: the dense kernel gives them the global

@@ -109,38 +109,71 @@ class _Inputs:
 
 
 class _Dare:
-    """Per-expert Bernoulli keep-masks drawn in chunk order from the dense kernel's generators."""
+    """Per-expert Bernoulli keep-masks drawn in chunk order from the dense kernel's generators.
 
-    def __init__(self, inputs: _Inputs, drop_rate: float, seed: int, tensor_name: Optional[str]):
+    With ``cache`` (multi-pass methods: DARE+TIES reads the tensor two or three times) the first
+    complete pass records the keep-masks (one bool per entry and expert) and later passes replay
+    them instead of drawing again from torch's serial CPU generator, which dominated their cost.
+    Replayed masks are the drawn ones, so results are bit-identical either way.
+    """
+
+    def __init__(self, inputs: _Inputs, drop_rate: float, seed: int, tensor_name: Optional[str],
+                 cache: bool = False):
         self.drop_rate = drop_rate
         self.seed = seed
         self.tensor_name = tensor_name
         self.inputs = inputs
         self._uniform = torch.empty(inputs.chunk, dtype=torch.float32)
         self._uniform_rows: Optional[torch.Tensor] = None
+        self._keep: Optional[torch.Tensor] = (
+            torch.empty((inputs.count, inputs.n), dtype=torch.bool) if cache and drop_rate > 0 else None)
+        self._recorded = False  # _keep holds a whole pass
+        self._position = 0
         self.restart()
 
     def restart(self) -> None:
-        self.generators = [_dare_generator(self.seed, self.tensor_name, i) for i in range(self.inputs.count)]
+        if self._keep is not None and self._position == self.inputs.n:
+            self._recorded = True
+        self._position = 0
+        if not self._recorded:
+            self.generators = [_dare_generator(self.seed, self.tensor_name, i) for i in range(self.inputs.count)]
+
+    def _advance(self, size: int) -> slice:
+        span = slice(self._position, self._position + size)
+        self._position += size
+        return span
 
     def apply(self, vectors: torch.Tensor) -> None:
         """Drop-and-rescale ``vectors`` (the next chunk) in place."""
         if self.drop_rate == 0.0:
             return
         size = vectors.shape[1]
+        span = self._advance(size)
         uniform = self._uniform[:size]
-        for index, generator in enumerate(self.generators):
-            uniform.uniform_(generator=generator)
-            keep = (uniform >= self.drop_rate).to(device=vectors.device)
-            vectors[index].mul_(keep).div_(1.0 - self.drop_rate)
+        for index in range(self.inputs.count):
+            if self._recorded:
+                keep = self._keep[index, span]
+            else:
+                uniform.uniform_(generator=self.generators[index])
+                keep = uniform >= self.drop_rate
+                if self._keep is not None:
+                    self._keep[index, span] = keep
+            vectors[index].mul_(keep.to(device=vectors.device)).div_(1.0 - self.drop_rate)
 
     def draw(self, size: int) -> torch.Tensor:
-        """The next chunk's uniforms of every expert, N×size (the fused kernels drop with them)."""
+        """The next chunk's uniforms of every expert, N×size (the fused kernels drop with them;
+        a replayed mask is passed as 1.0 = keep / 0.0 = drop, which the kernels read the same)."""
         if self._uniform_rows is None:
             self._uniform_rows = torch.empty((self.inputs.count, self.inputs.chunk), dtype=torch.float32)
         rows = self._uniform_rows[:, :size]
+        span = self._advance(size)
+        if self._recorded:
+            rows.copy_(self._keep[:, span])
+            return rows
         for index, generator in enumerate(self.generators):
             rows[index].uniform_(generator=generator)
+        if self._keep is not None:
+            torch.ge(rows, self.drop_rate, out=self._keep[:, span])
         return rows
 
 
@@ -456,7 +489,8 @@ def merge(method: str, base: torch.Tensor, experts: Sequence[torch.Tensor], weig
     """
     inputs = _Inputs(base, experts, weights, dtype, chunk)
     out = torch.empty(inputs.n, dtype=base.dtype, device=base.device)
-    dare = _Dare(inputs, drop_rate, seed, tensor_name) if method.startswith("dare_") else None
+    dare = (_Dare(inputs, drop_rate, seed, tensor_name, cache=method == "dare_ties_merging")
+            if method.startswith("dare_") else None)
     if method == "weight_average":
         weight_average(inputs, out, scale, name)
     elif method == "dare_task_arithmetic":
