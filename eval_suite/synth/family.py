@@ -14,10 +14,12 @@ experts each improve one capability with little drift):
    and colour class of every 4-px cell) from all five tasks, standing in for
    the pretrained encoder every real MLLM starts from; the label head is
    discarded.
-2. **base** — the whole model is instruction-tuned on an equal mix of the five
-   tasks (answer tokens only), stopping while every task still has headroom.
-3. **experts** — each starts from the base and fine-tunes on its own task with
-   a small learning rate for a few steps (full fine-tuning, all components).
+2. **base** — projector and language model are instruction-tuned on an equal mix
+   of the five tasks (answer tokens only): the generalist question types fully, the
+   others at ``held_out_rate``, so every task keeps headroom for its expert.
+3. **experts** — each starts from the base and fine-tunes on its own task, half of
+   every batch replaying the base's data mix so it does not forget the others
+   (full fine-tuning of projector and language model; the vision tower stays frozen).
 
 Everything is seeded and runs single-threaded by default (``threads``), so a
 rebuild with the same arguments reproduces the same tensors; a finished build
@@ -170,8 +172,8 @@ class Encoder:
 #: The base is a generalist: per task it is trained on these question types only. Experts train on
 #: their task's full distribution, so each one learns specialist skills the base lacks (the
 #: paper's experts were fine-tuned on 100K+ capability-specific samples), while evaluation
-#: covers every type. Each held-out type reuses a skill the base has (reading values, binding a
-#: colour word, counting), so a short fine-tune can learn it.
+#: covers every type. Each held-out type reuses what the base reads (shapes, bar heights, side
+#: lengths, letters), and the base sees it at ``held_out_rate``, so the expert sharpens a partial skill.
 GENERALIST_QUESTION_TYPES: Dict[str, Sequence[str]] = {
     "synth_vqa": ("count_all", "color_of"),                      # experts add shape_of, shape_of_all
     "synth_geometry": ("angle", "area"),                         # + length, perimeter

@@ -180,7 +180,7 @@ class Painter:
         return GREY if color == "grey" else BLACK
 
 
-VALUE_CLASSES = 17  # 0 = none; bars 1–9, angles 1–7, lengths 1–7, areas 1–16, string positions 1–5
+VALUE_CLASSES = 17  # 0 = none; bars 1–9, angles 1–3, lengths 1–7, areas 1–16, string positions 1–3
 
 
 def _canvas(paint: Painter) -> Tuple[Image.Image, ImageDraw.ImageDraw]:
@@ -193,10 +193,6 @@ def _draw_objects(spec: dict, paint: Painter) -> Image.Image:
     for obj in spec["objects"]:
         _draw_object(draw, paint, obj["shape"], obj["color"], obj["box"])
     return image
-
-
-def _plural(shape: str) -> str:
-    return shape + "s"
 
 
 # ---------------------------------------------------------------------------
