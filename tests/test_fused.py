@@ -114,3 +114,16 @@ def test_when_the_fused_kernels_are_used(monkeypatch):
     monkeypatch.setenv("MERGEKIT_MLLM_COMPILE", "sometimes")
     with pytest.raises(ValueError, match="MERGEKIT_MLLM_COMPILE='sometimes'"):
         fused.wanted(1, cpu, torch.float32)
+
+
+def test_many_kernel_variants_in_one_process_stay_fused(compiled):
+    """Every number of experts is a new graph of a kernel; past dynamo's default of 8 variants per
+    function, a fullgraph compile fails hard and the whole process used to fall back to eager."""
+    base, experts = inputs((16, 12), 10, torch.float32, seed=9)
+    for count in range(1, 11):
+        got = streaming.merge("weight_average", base, experts[:count], [1.0] * count, scale=1.0,
+                              dtype=torch.float32, chunk=64)
+        assert fused._failed is None, (count, fused._failed)
+        want = dense("weight_average", base, experts[:count], [1.0] * count, 1.0)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert compiled.count("sum") == 10 * 3  # every chunk (192 entries in chunks of 64) of every merge

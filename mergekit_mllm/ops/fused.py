@@ -136,9 +136,28 @@ def _ties_kernel(base, experts, weights, uniform, drop, keep_divisor, threshold,
 
 _SOURCES = {"sum": _sum_kernel, "stats": _stats_kernel, "ties": _ties_kernel}
 
+#: Graph variants allowed per kernel. Each number of experts, input dtype and DARE on/off is one
+#: variant (shapes are dynamic); dynamo's default limit of 8 per function was reached in one
+#: process that merged with N = 2…8 (a sweep, a benchmark, the synthetic study), and with
+#: ``fullgraph`` that is a hard failure: every later merge of the process fell back to eager.
+RECOMPILE_LIMIT = 64
+
+
+def _limit_patch():
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{name: max(RECOMPILE_LIMIT, getattr(config, name))})
+
 
 def kernel(name: str) -> Callable:
+    """The compiled kernel ``name``; calls run with :data:`RECOMPILE_LIMIT` variants allowed."""
     compiled = _kernels.get(name)
     if compiled is None:
-        compiled = _kernels[name] = torch.compile(_SOURCES[name], dynamic=True, fullgraph=True)
+        inner = torch.compile(_SOURCES[name], dynamic=True, fullgraph=True)
+
+        def compiled(*args):
+            with _limit_patch():
+                return inner(*args)
+
+        _kernels[name] = compiled
     return compiled
