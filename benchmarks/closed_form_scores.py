@@ -102,19 +102,23 @@ def render(data: Dict[str, object]) -> List[str]:
             cells.append(f"{row['test_average']:.2f} ({row['lambda']:g})")
             values.append(row["test_average"])
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {sum(values) / len(values):.2f} |")
-    lines += _paired_lines(families, labels)
+    lines += _paired_lines(families)
     return lines
 
 
-def _counterpart(label: str, labels: List[str]) -> Optional[str]:
-    """The iterative row a closed form is compared with (same objective), e.g. wudi_exact → wudi (Adam…)."""
-    if "(" in label:
-        return None
-    family = "wudi" if "wudi" in label else ("optmerge " + label.split()[-1] if label.startswith("optmerge") else None)
-    return next((other for other in labels if "(" in other and family and other.startswith(family + " ")), None)
+#: closed form → the iterative method with the same objective (OptMerge pairs within a variant)
+ITERATIVE_OF = {"wudi_exact": "wudi", "swudi": "wudi", "aswudi": "wudi", "optmerge_exact": "optmerge"}
 
 
-def _paired_lines(families: List[dict], labels: List[str]) -> List[str]:
+def _counterpart(row: dict, rows: List[dict]) -> Optional[str]:
+    """Label of the iterative row that ``row`` (a closed form) is compared with, or None."""
+    iterative = ITERATIVE_OF.get(row["method"])
+    variant = row["parameters"].get("variant")
+    return next((other["label"] for other in rows
+                 if other["method"] == iterative and other["parameters"].get("variant") == variant), None)
+
+
+def _paired_lines(families: List[dict]) -> List[str]:
     """Iterative − closed form per family seed (same family, same test items), against the seed spread."""
     import statistics
 
@@ -122,8 +126,8 @@ def _paired_lines(families: List[dict], labels: List[str]) -> List[str]:
         return [next(r["test_average"] for r in f["rows"] if r["label"] == label) for f in families]
 
     rows = []
-    for label in labels:
-        other = _counterpart(label, labels)
+    for row in families[0]["rows"]:
+        label, other = row["label"], _counterpart(row, families[0]["rows"])
         if other is None:
             continue
         diffs = [a - b for a, b in zip(scores(other), scores(label))]

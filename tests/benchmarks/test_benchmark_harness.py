@@ -135,8 +135,13 @@ def test_report_renders_saved_results(tmp_path):
 def test_closed_form_scores_pair_each_closed_form_with_its_iterative_method():
     from benchmarks.closed_form_scores import render
 
+    methods = {"wudi (Adam, 300 steps)": ("wudi", {}), "wudi_exact": ("wudi_exact", {}), "swudi": ("swudi", {}),
+               "optmerge full (Adam, 300 steps)": ("optmerge", {"variant": "full"}),
+               "optmerge_exact full": ("optmerge_exact", {"variant": "full"})}
+
     def family(name, scores):
-        return {"family": f"/x/{name}", "rows": [{"label": k, "test_average": v, "lambda": 0.3} for k, v in scores.items()]}
+        return {"family": f"/x/{name}", "rows": [{"label": k, "method": methods[k][0], "parameters": methods[k][1],
+                                                  "test_average": v, "lambda": 0.3} for k, v in scores.items()]}
 
     scores = [{"wudi (Adam, 300 steps)": 55.0 + s, "wudi_exact": 52.0 + s, "swudi": 55.5 - s,
                "optmerge full (Adam, 300 steps)": 56.0, "optmerge_exact full": 56.0 + s} for s in (0.0, 0.5, 1.0)]
