@@ -57,6 +57,12 @@ EXPERTS = tuple(CAPABILITIES)  # vqa, geometry, chart, ocr, grounding
 CONFIG_MARKER = "eval_suite_synth"  # key in config.json that identifies the family
 
 
+#: fraction of each task's other question types the base still sees: the base has a partial skill
+#: on them (as a real generalist has on every capability) which the expert sharpens. With 0 the
+#: experts must learn new circuits from scratch, and no merge keeps any of that (measured).
+HELD_OUT_RATE = 0.1
+
+
 @dataclass(frozen=True)
 class FamilySize:
     name: str
@@ -77,7 +83,7 @@ class FamilySize:
     #: the vision tower stays frozen after its pretraining (LLaVA-style instruction tuning)
     tune_vision: bool = False
     #: share of each task's non-generalist question types the base sees (see HELD_OUT_RATE)
-    held_out_rate: float = 0.1
+    held_out_rate: float = HELD_OUT_RATE
     #: share of each expert's fine-tuning batches drawn from the base's own data mix (replay):
     #: 0 = own task only. Replay removes the experts' forgetting (measured in SYNTH_RESULTS.md).
     expert_replay: float = 0.5
@@ -181,12 +187,6 @@ GENERALIST_QUESTION_TYPES: Dict[str, Sequence[str]] = {
     "synth_ocr": ("length_1",),                                  # + strings of 2 and 3 letters
     "synth_grounding": ("single",),                              # + scenes with distractors
 }
-
-
-#: fraction of each task's other question types the base still sees: the base has a partial skill
-#: on them (as a real generalist has on every capability) which the expert sharpens. With 0 the
-#: experts must learn new circuits from scratch, and no merge keeps any of that (measured).
-HELD_OUT_RATE = 0.1
 
 
 def _mixed_stream(tasks: Sequence[str], seed: int, stream: int, generalist: bool = False,
