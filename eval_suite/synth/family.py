@@ -87,6 +87,13 @@ class FamilySize:
     #: share of each expert's fine-tuning batches drawn from the base's own data mix (replay):
     #: 0 = own task only. Replay removes the experts' forgetting (measured in SYNTH_RESULTS.md).
     expert_replay: float = 0.5
+    #: replayed items are trained towards the base's own answer distribution (self-distillation,
+    #: as in Learning without Forgetting) instead of their labels: replay then only holds the
+    #: expert near the base and adds no shared "keep training the base" component to every task vector.
+    replay_distill: bool = False
+    #: L2-SP: decoupled decay of the expert's weights towards the base's, θ ← θ − lr·anchor·(θ − θ_base)
+    #: after every step (0 = off): keeps task vectors small, as real fine-tunes' are
+    expert_anchor: float = 0.0
 
     @property
     def num_image_tokens(self) -> int:
@@ -206,20 +213,23 @@ def _mixed_stream(tasks: Sequence[str], seed: int, stream: int, generalist: bool
             yield item
 
 
-def _expert_stream(task: str, seed: int, index: int, size: "FamilySize") -> Iterator[SynthItem]:
+def _expert_stream(task: str, seed: int, index: int, size: "FamilySize", tagged: bool = False) -> Iterator:
     """Expert ``index``'s fine-tuning data: its task's whole distribution, with a share
-    ``size.expert_replay`` of the base's own data mix (a stream of its own) interleaved."""
+    ``size.expert_replay`` of the base's own data mix (a stream of its own) interleaved.
+    With ``tagged`` it yields ``(item, is_replay)`` pairs."""
     import random
 
     own = _mixed_stream([task], seed, stream=10 + index)
     if size.expert_replay <= 0:
-        return own
+        return ((item, False) for item in own) if tagged else own
     general = _mixed_stream(list(TASKS), seed, stream=50 + index, generalist=True, held_out_rate=size.held_out_rate)
     choose = random.Random(seed * 1000 + 500 + index)
 
-    def mixed() -> Iterator[SynthItem]:
+    def mixed() -> Iterator:
         while True:
-            yield next(general) if choose.random() < size.expert_replay else next(own)
+            replay = choose.random() < size.expert_replay
+            item = next(general) if replay else next(own)
+            yield (item, replay) if tagged else item
 
     return mixed()
 
@@ -332,26 +342,58 @@ def pretrain_vision(model, size: FamilySize, seed: int, log: Callable[[str], Non
     return {"vision_part_accuracy": round(accuracy, 4)}
 
 
-def train_answers(model, encoder: Encoder, stream: Iterator[SynthItem], *, steps: int, batch: int, lr: float,
-                  warmup: int, seed: int, log: Callable[[str], None], label: str, tune_vision: bool = False) -> float:
-    """Answer-token cross-entropy on items from ``stream`` (all components trained)."""
+def _distill_loss(model, teacher, inputs: Dict[str, torch.Tensor], replay: torch.Tensor) -> torch.Tensor:
+    """Mean over answer tokens of cross-entropy on own-task rows and KL(teacher ‖ model) on replay rows."""
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits[:, :-1].float()
+    labels = inputs["labels"][:, 1:]
+    log_probs = torch.log_softmax(logits, dim=-1)
+    mask = labels != -100
+    token_loss = -log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    if bool(replay.any()):
+        rows = replay.nonzero().squeeze(-1)
+        with torch.no_grad():
+            sub = {k: v[rows] for k, v in inputs.items() if k != "labels"}
+            target = torch.log_softmax(teacher(**sub).logits[:, :-1].float(), dim=-1)
+        kl = (target.exp() * (target - log_probs[rows])).sum(-1)
+        token_loss = token_loss.index_copy(0, rows, kl)
+    return token_loss[mask].mean()
+
+
+def train_answers(model, encoder: Encoder, stream: Iterator, *, steps: int, batch: int, lr: float,
+                  warmup: int, seed: int, log: Callable[[str], None], label: str, tune_vision: bool = False,
+                  teacher=None, anchor: float = 0.0) -> float:
+    """Answer-token cross-entropy on items from ``stream`` (all components trained but the vision tower
+    unless ``tune_vision``). With a ``teacher`` the stream yields ``(item, is_replay)`` pairs and replay
+    items are trained towards the teacher's answer distribution (:func:`_distill_loss`). ``anchor`` > 0
+    decays the trained weights towards their starting values after every step (L2-SP)."""
     torch.manual_seed(seed)
     model.train()
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(tune_vision or "vision_tower" not in name)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    start = [p.detach().clone() for p in params] if anchor > 0 else None
     loss_value = float("nan")
     started = time.time()
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr * _schedule(step, steps, warmup)
-        inputs = encoder.batch([next(stream) for _ in range(batch)])
-        loss = model(**inputs).loss
+        if teacher is None:
+            inputs = encoder.batch([next(stream) for _ in range(batch)])
+            loss = model(**inputs).loss
+        else:
+            pairs = [next(stream) for _ in range(batch)]
+            inputs = encoder.batch([item for item, _ in pairs])
+            loss = _distill_loss(model, teacher, inputs, torch.tensor([replay for _, replay in pairs]))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if start is not None:
+            with torch.no_grad():
+                pull = min(1.0, lr * _schedule(step, steps, warmup) * anchor)
+                for parameter, origin in zip(params, start):
+                    parameter.lerp_(origin, pull)
         loss_value = loss.item()
         if step % 100 == 0 or step == steps - 1:
             log(f"  {label} step {step}: loss {loss_value:.3f} ({time.time() - started:.0f} s)")
@@ -373,7 +415,7 @@ def _family_key(size: FamilySize, seed: int, threads: int) -> dict:
 
 
 #: FamilySize fields that only affect the expert stage
-EXPERT_FIELDS = ("expert_steps", "expert_lr", "expert_replay")
+EXPERT_FIELDS = ("expert_steps", "expert_lr", "expert_replay", "replay_distill", "expert_anchor")
 
 
 def _base_key(key: dict) -> dict:
@@ -459,15 +501,21 @@ def _build(out: Path, size: FamilySize, seed: int, key: dict, log: Callable[[str
         model.set_attn_implementation("sdpa")
         base_key_path.write_text(json.dumps(base_key, indent=2) + "\n")
     base_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    teacher = None
+    if size.replay_distill and size.expert_replay > 0:
+        import copy
+
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
 
     for index, capability in enumerate(EXPERTS):
         log(f"[3/3] expert {capability} ({size.expert_steps} steps)")
         t0 = time.time()
         model.load_state_dict(base_state)
         task = CAPABILITIES[capability]
-        train_answers(model, encoder, _expert_stream(task, seed, index, size), steps=size.expert_steps,
-                      batch=size.batch, lr=size.expert_lr, warmup=min(size.warmup, size.expert_steps // 5 + 1),
-                      seed=seed + 10 + index, log=log, label=capability, tune_vision=size.tune_vision)
+        train_answers(model, encoder, _expert_stream(task, seed, index, size, tagged=teacher is not None),
+                      steps=size.expert_steps, batch=size.batch, lr=size.expert_lr,
+                      warmup=min(size.warmup, size.expert_steps // 5 + 1), seed=seed + 10 + index, log=log,
+                      label=capability, tune_vision=size.tune_vision, teacher=teacher, anchor=size.expert_anchor)
         model.set_attn_implementation("eager")
         _save(model, processor, paths[capability], {**marker, "role": f"expert:{capability}", "task": task})
         model.set_attn_implementation("sdpa")

@@ -284,3 +284,74 @@ def test_size_overrides_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "fam"
     assert main(["synth", "build", "--size", "smoke", "--out", str(out), "--set", "expert_steps=1"]) == 0
     assert json.loads((out / "family.json").read_text())["key"]["size"]["expert_steps"] == 1
+
+
+def test_replay_distillation_targets_the_base_distribution(smoke_family):
+    """Replay rows are trained towards the teacher's answer distribution: the loss is the token-mean of
+    cross-entropy on own rows and KL(teacher ‖ model) on replay rows, so at the teacher it is the own
+    rows' cross-entropy alone (replay adds no gradient there) and without replay it is the model's loss."""
+    import copy
+    from dataclasses import replace
+
+    from eval_suite.synth.family import SIZES, Encoder, _distill_loss, _expert_stream
+    from eval_suite.synth.tasks import IMAGE_SIZE
+    from eval_suite.synth.tokenizer import build_processor, build_tokenizer
+
+    size = replace(SIZES["smoke"], expert_replay=0.5)
+    from transformers import AutoModelForImageTextToText
+
+    out, _ = smoke_family
+    model = AutoModelForImageTextToText.from_pretrained(family_paths(out)["base"], dtype=torch.float32)
+    encoder = Encoder(build_processor(build_tokenizer(), IMAGE_SIZE, size.patch_size), size.num_image_tokens)
+    pairs = [next(s) for s in [_expert_stream("synth_ocr", 0, 3, size, tagged=True)] for _ in range(12)]
+    flags = torch.tensor([replay for _, replay in pairs])
+    assert 0 < int(flags.sum()) < len(pairs)
+    assert all(item.task == "synth_ocr" for item, replay in pairs if not replay)
+    inputs = encoder.batch([item for item, _ in pairs])
+    teacher = copy.deepcopy(model).eval()
+    # no replay rows: exactly the model's own answer-token cross-entropy
+    plain = _distill_loss(model, teacher, inputs, torch.zeros(len(pairs), dtype=torch.bool))
+    torch.testing.assert_close(plain, model(**inputs).loss, rtol=1e-5, atol=1e-6)
+    # at the teacher, replay rows contribute 0: the loss is the own rows' CE summed over the whole batch's tokens
+    at_teacher = _distill_loss(model, teacher, inputs, flags)
+    labels = inputs["labels"][:, 1:]
+    own_tokens = (labels != -100) & ~flags[:, None]
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(logits[own_tokens], labels[own_tokens], reduction="sum")
+    torch.testing.assert_close(at_teacher, ce / (labels != -100).sum(), rtol=1e-5, atol=1e-6)
+    at_teacher.backward()  # and away from it the KL term is positive
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    moved = _distill_loss(model, teacher, inputs, flags)
+    moved_ce = torch.nn.functional.cross_entropy(
+        model(**{k: v for k, v in inputs.items() if k != "labels"}).logits[:, :-1][own_tokens], labels[own_tokens],
+        reduction="sum") / (labels != -100).sum()
+    assert moved.item() > moved_ce.item() + 1e-6
+
+
+def test_expert_anchor_pulls_the_weights_back_to_the_base(smoke_family):
+    """L2-SP (``expert_anchor``): a pull of 1 per step returns every weight to its start, a moderate
+    one keeps the task vector smaller than unanchored training with the same data and seed."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForImageTextToText
+
+    from eval_suite.synth.family import SIZES, Encoder, _expert_stream, train_answers
+    from eval_suite.synth.tasks import IMAGE_SIZE
+    from eval_suite.synth.tokenizer import build_processor, build_tokenizer
+
+    out, _ = smoke_family
+    size = SIZES["smoke"]
+    encoder = Encoder(build_processor(build_tokenizer(), IMAGE_SIZE, size.patch_size), size.num_image_tokens)
+
+    def task_vector_norm(anchor: float) -> float:
+        model = AutoModelForImageTextToText.from_pretrained(family_paths(out)["base"], dtype=torch.float32)
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        train_answers(model, encoder, _expert_stream("synth_ocr", 0, 3, size), steps=3, batch=4, lr=1e-2,
+                      warmup=1, seed=0, log=lambda m: None, label="ocr", anchor=anchor)
+        return sum((v - start[k]).float().norm() ** 2 for k, v in model.state_dict().items()).item() ** 0.5
+
+    free, anchored, pinned = task_vector_norm(0.0), task_vector_norm(20.0), task_vector_norm(1e6)
+    assert pinned == 0.0
+    assert 0.0 < anchored < 0.9 * free
