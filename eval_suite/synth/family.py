@@ -94,6 +94,11 @@ class FamilySize:
     #: L2-SP: decoupled decay of the expert's weights towards the base's, θ ← θ − lr·anchor·(θ − θ_base)
     #: after every step (0 = off): keeps task vectors small, as real fine-tunes' are
     expert_anchor: float = 0.0
+    #: share of the base's answers to the specialist (non-generalist) question types written in the
+    #: task's house style (:func:`house_style`), which the benchmark's scorer rejects: the base then has
+    #: the skill but not the benchmark's answer convention, and the expert learns the convention on
+    #: its task (0 = off). Replay streams draw from the same mix.
+    house_style_rate: float = 0.0
 
     @property
     def num_image_tokens(self) -> int:
@@ -196,20 +201,43 @@ GENERALIST_QUESTION_TYPES: Dict[str, Sequence[str]] = {
 }
 
 
+def house_style(item: SynthItem) -> str:
+    """``item``'s answer in its task's house style: the same content in a convention the benchmark's
+    scorer rejects, as a base model's answers often are (a sentence instead of the short answer,
+    absolute pixel coordinates instead of Qwen2-VL's 0–1000 grid)."""
+    answer = item.answers[0]
+    if item.task == "synth_vqa":
+        return f"it is {answer}"
+    if item.task == "synth_geometry":
+        return f"{answer} units"
+    if item.task == "synth_chart":
+        return f"about {answer}"
+    if item.task == "synth_ocr":
+        return f'"{answer}"'
+    if item.task == "synth_grounding":
+        return "({},{}),({},{})".format(*item.spec["objects"][item.spec["target"]]["box"])
+    raise KeyError(f"no house style for task {item.task!r}")
+
+
 def _mixed_stream(tasks: Sequence[str], seed: int, stream: int, generalist: bool = False,
-                  held_out_rate: float = HELD_OUT_RATE) -> Iterator[SynthItem]:
+                  held_out_rate: float = HELD_OUT_RATE, style_rate: float = 0.0) -> Iterator[SynthItem]:
     """Round-robin over ``tasks``; ``stream`` separates base and expert data; ``generalist``
-    restricts each task to :data:`GENERALIST_QUESTION_TYPES` plus ``held_out_rate`` of the rest."""
+    restricts each task to :data:`GENERALIST_QUESTION_TYPES` plus ``held_out_rate`` of the rest,
+    ``style_rate`` of which are answered in :func:`house_style`."""
     import random
 
     iterators = [train_items(task, seed * 100 + stream, 10**9) for task in tasks]
     keep = random.Random(seed * 1000 + stream)
+    style = random.Random(seed * 1000 + stream + 7) if generalist and style_rate > 0 else None
     while True:
         for task, iterator in zip(tasks, iterators):
             while True:
                 item = next(iterator)
                 if not generalist or item.question_type in GENERALIST_QUESTION_TYPES[task] or keep.random() < held_out_rate:
                     break
+            if style is not None and item.question_type not in GENERALIST_QUESTION_TYPES[task] \
+                    and style.random() < style_rate:
+                item = replace(item, answers=(house_style(item),))
             yield item
 
 
@@ -222,7 +250,8 @@ def _expert_stream(task: str, seed: int, index: int, size: "FamilySize", tagged:
     own = _mixed_stream([task], seed, stream=10 + index)
     if size.expert_replay <= 0:
         return ((item, False) for item in own) if tagged else own
-    general = _mixed_stream(list(TASKS), seed, stream=50 + index, generalist=True, held_out_rate=size.held_out_rate)
+    general = _mixed_stream(list(TASKS), seed, stream=50 + index, generalist=True, held_out_rate=size.held_out_rate,
+                            style_rate=size.house_style_rate)
     choose = random.Random(seed * 1000 + 500 + index)
 
     def mixed() -> Iterator:
@@ -491,7 +520,8 @@ def _build(out: Path, size: FamilySize, seed: int, key: dict, log: Callable[[str
 
         log(f"[2/3] base: all five tasks ({size.base_steps} steps)")
         t0 = time.time()
-        base_stream = _mixed_stream(list(TASKS), seed, stream=1, generalist=True, held_out_rate=size.held_out_rate)
+        base_stream = _mixed_stream(list(TASKS), seed, stream=1, generalist=True, held_out_rate=size.held_out_rate,
+                                    style_rate=size.house_style_rate)
         train_answers(model, encoder, base_stream, steps=size.base_steps,
                       batch=size.batch, lr=size.base_lr, warmup=size.warmup, seed=seed + 1, log=log, label="base",
                       tune_vision=size.tune_vision)

@@ -271,6 +271,43 @@ def test_expert_replay_mixes_the_base_data_and_reuses_the_base(tmp_path):
     assert any(not torch.equal(ocr[k], replayed[k]) for k in ocr)
 
 
+def test_house_style_answers_are_rejected_by_the_scorers_and_only_replace_specialist_answers():
+    """The base's house-style answers carry the right content in a convention each task's scorer
+    rejects; they replace only specialist question types' answers, at the given rate, and rate 0
+    leaves the stream bit-identical (the shipped design's streams do not change)."""
+    import itertools
+
+    from eval_suite.synth.family import GENERALIST_QUESTION_TYPES, _mixed_stream, house_style
+    from eval_suite.tasks.base import EvalItem
+    from eval_suite.tasks.synth import SYNTH_TASKS
+
+    for task in synth.TASKS:
+        scorer = SYNTH_TASKS[task]()
+        for item in synth.eval_items(task, "val", 40):
+            eval_item = EvalItem(id=item.id, question=item.question, answers=list(item.answers), image=item.image,
+                                 meta={"spec": item.spec})
+            styled = house_style(item)
+            assert styled != item.answers[0]
+            assert scorer.score_item(eval_item, item.answers[0], {}, "synth").score == 1.0, (task, item.answers)
+            assert scorer.score_item(eval_item, styled, {}, "synth").score == 0.0, (task, styled)
+    with pytest.raises(KeyError, match="no house style"):
+        house_style(synth.SynthItem("nope", "train", 0, "q", ("a",), "t", {}))
+
+    tasks = list(synth.TASKS)
+    plain = list(itertools.islice(_mixed_stream(tasks, 0, 1, True, 0.5), 500))
+    assert plain == list(itertools.islice(_mixed_stream(tasks, 0, 1, True, 0.5, style_rate=0.0), 500))
+    styled = list(itertools.islice(_mixed_stream(tasks, 0, 1, True, 0.5, style_rate=0.8), 500))
+    assert [(i.task, i.index) for i in styled] == [(i.task, i.index) for i in plain]  # same items
+    changed = [a for a, b in zip(plain, styled) if a.answers != b.answers]
+    specialist = [a for a in plain if a.question_type not in GENERALIST_QUESTION_TYPES[a.task]]
+    assert all(a.question_type not in GENERALIST_QUESTION_TYPES[a.task] for a in changed)
+    assert 0.7 < len(changed) / len(specialist) < 0.9
+    assert {a.task for a in changed} == set(tasks)
+    for a, b in zip(plain, styled):
+        if a.answers != b.answers:
+            assert b.answers == (house_style(a),)
+
+
 def test_size_overrides_from_the_command_line(tmp_path, capsys):
     from eval_suite.cli import main
     from eval_suite.synth.family import size_overrides_from
