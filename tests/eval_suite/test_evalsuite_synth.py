@@ -248,12 +248,17 @@ def test_expert_replay_mixes_the_base_data_and_reuses_the_base(tmp_path):
     from eval_suite.synth.study import load_state
 
     size = replace(SIZES["smoke"], expert_replay=0.5, held_out_rate=0.0)
-    items = [next(stream) for stream in [_expert_stream("synth_ocr", 0, 3, size)] for _ in range(400)]
-    foreign = [item for item in items if item.task != "synth_ocr"]
-    assert 0.3 < len(foreign) / len(items) < 0.55  # half replay, of which a fifth is ocr again
+    pairs = [next(stream) for stream in [_expert_stream("synth_ocr", 0, 3, size, tagged=True)] for _ in range(400)]
+    foreign = [item for item, _ in pairs if item.task != "synth_ocr"]
+    replayed = [item for item, replay in pairs if replay]
+    assert 0.4 < len(replayed) / len(pairs) < 0.6
+    assert foreign == replayed  # the replay is the base's mix of the *other* four tasks
     # the replayed items follow the base's mix: generalist question types only at held_out_rate 0
     assert all(item.question_type in GENERALIST_QUESTION_TYPES[item.task] for item in foreign)
     assert {item.task for item in foreign} == set(synth.TASKS) - {"synth_ocr"}
+    own_too = replace(size, replay_own_task=True)
+    pairs = [next(s) for s in [_expert_stream("synth_ocr", 0, 3, own_too, tagged=True)] for _ in range(400)]
+    assert {item.task for item, replay in pairs if replay} == set(synth.TASKS)  # FAMILY_VERSION ≤ 3 replay
     assert SIZES["smoke"].expert_replay == SIZES["full"].expert_replay == 0.5  # the shipped design replays
     no_replay = replace(SIZES["smoke"], expert_replay=0.0)
     own_only = [next(s) for s in [_expert_stream("synth_ocr", 0, 3, no_replay)] for _ in range(50)]
@@ -271,13 +276,13 @@ def test_expert_replay_mixes_the_base_data_and_reuses_the_base(tmp_path):
     assert any(not torch.equal(ocr[k], replayed[k]) for k in ocr)
 
 
-def test_house_style_answers_are_rejected_by_the_scorers_and_only_replace_specialist_answers():
+def test_house_style_answers_are_rejected_by_the_scorers_and_only_replace_styled_answers():
     """The base's house-style answers carry the right content in a convention each task's scorer
-    rejects; they replace only specialist question types' answers, at the given rate, and rate 0
-    leaves the stream bit-identical (the shipped design's streams do not change)."""
+    rejects; they replace only the styled question types' answers (each task's specialist types,
+    every OCR type), at the given rate, and rate 0 leaves the stream bit-identical."""
     import itertools
 
-    from eval_suite.synth.family import GENERALIST_QUESTION_TYPES, _mixed_stream, house_style
+    from eval_suite.synth.family import GENERALIST_QUESTION_TYPES, SIZES, _mixed_stream, house_style, house_styled
     from eval_suite.tasks.base import EvalItem
     from eval_suite.tasks.synth import SYNTH_TASKS
 
@@ -299,13 +304,26 @@ def test_house_style_answers_are_rejected_by_the_scorers_and_only_replace_specia
     styled = list(itertools.islice(_mixed_stream(tasks, 0, 1, True, 0.5, style_rate=0.8), 500))
     assert [(i.task, i.index) for i in styled] == [(i.task, i.index) for i in plain]  # same items
     changed = [a for a, b in zip(plain, styled) if a.answers != b.answers]
-    specialist = [a for a in plain if a.question_type not in GENERALIST_QUESTION_TYPES[a.task]]
-    assert all(a.question_type not in GENERALIST_QUESTION_TYPES[a.task] for a in changed)
-    assert 0.7 < len(changed) / len(specialist) < 0.9
+    candidates = [a for a in plain if house_styled(a)]
+    assert all(house_styled(a) for a in changed)
+    assert 0.7 < len(changed) / len(candidates) < 0.9
     assert {a.task for a in changed} == set(tasks)
+    # generalist types stay in the scored convention, except OCR's (every OCR type is styled)
+    assert not any(a.question_type in GENERALIST_QUESTION_TYPES[a.task] for a in changed if a.task != "synth_ocr")
+    assert any(a.question_type in GENERALIST_QUESTION_TYPES[a.task] for a in changed if a.task == "synth_ocr")
     for a, b in zip(plain, styled):
         if a.answers != b.answers:
             assert b.answers == (house_style(a),)
+    # expert streams: the own task in the scored convention, replay in the base's mix (styled)
+    assert SIZES["full"].house_style_rate == SIZES["ci"].house_style_rate == 0.8
+    from eval_suite.synth.family import _expert_stream
+
+    pairs = list(itertools.islice(_expert_stream("synth_ocr", 0, 3, SIZES["full"], tagged=True), 400))
+    own = [item for item, replay in pairs if not replay]
+    replayed = [item for item, replay in pairs if replay]
+    assert own and not any(item.answers[0].endswith(".") for item in own)
+    assert not any(item.task == "synth_ocr" for item in replayed)  # no replay of the convention it unlearns
+    assert any(item.answers[0].startswith("it is ") for item in replayed if item.task == "synth_vqa")
 
 
 def test_size_overrides_from_the_command_line(tmp_path, capsys):
