@@ -118,7 +118,7 @@ SIZES: Dict[str, FamilySize] = {
     "smoke": FamilySize("smoke", 32, 1, 32, 1, vision_steps=2, base_steps=3, expert_steps=2, vision_batch=8, batch=8,
                         warmup=1, patch_size=8),
     "ci": FamilySize("ci", 128, 2, 128, 3, vision_steps=150, base_steps=600, expert_steps=100),
-    "full": FamilySize("full", 128, 2, 128, 3, vision_steps=300, base_steps=3000, expert_steps=500),
+    "full": FamilySize("full", 128, 2, 128, 3, vision_steps=600, base_steps=4500, expert_steps=500),
 }
 
 
