@@ -23,7 +23,7 @@ experts each improve one capability with little drift):
 3. **experts** — each starts from the base and fine-tunes briefly on its own task (scored
    convention), half of every batch replaying the base's data mix so it does not forget the others
    (full fine-tuning of projector and language model; the vision tower stays frozen). The task
-   vectors stay small (3–9 % of the weights' norm at ``full``), where they add up.
+   vectors stay small (4–6.5 % of the weights' norm at ``full``), where they add up.
 
 Everything is seeded and runs single-threaded by default (``threads``), so a
 rebuild with the same arguments reproduces the same tensors; a finished build
@@ -99,7 +99,7 @@ class FamilySize:
     #: L2-SP: decoupled decay of the expert's weights towards the base's, θ ← θ − lr·anchor·(θ − θ_base)
     #: after every step (0 = off): keeps task vectors small, as real fine-tunes' are
     expert_anchor: float = 0.0
-    #: share of the base's answers to the specialist (non-generalist) question types written in the
+    #: share of the base's answers to the styled question types (:func:`house_styled`) written in the
     #: task's house style (:func:`house_style`), which the benchmark's scorer rejects: the base then has
     #: the skill but not the benchmark's answer convention, and the expert learns the convention on
     #: its task (0 = off). Replay streams draw from the same mix.
