@@ -218,25 +218,25 @@ def house_styled(item: SynthItem) -> bool:
     return item.task == "synth_ocr" or item.question_type not in GENERALIST_QUESTION_TYPES[item.task]
 
 
+#: each task's house style: the same content in a convention the benchmark's scorer rejects, as a
+#: base model's answers often are (a sentence instead of the short answer, absolute pixel
+#: coordinates instead of Qwen2-VL's 0–1000 grid). OCR gets a full stop after the text, not quotes
+#: around it: reading then happens in the same context as in the scored convention (with quotes,
+#: unlearning the opening quote cost one seed's OCR expert its reading: +3.6).
+HOUSE_STYLES: Dict[str, Callable[[SynthItem], str]] = {
+    "synth_vqa": lambda item: f"it is {item.answers[0]}",
+    "synth_geometry": lambda item: f"{item.answers[0]} units",
+    "synth_chart": lambda item: f"about {item.answers[0]}",
+    "synth_ocr": lambda item: f"{item.answers[0]}.",
+    "synth_grounding": lambda item: "({},{}),({},{})".format(*item.spec["objects"][item.spec["target"]]["box"]),
+}
+
+
 def house_style(item: SynthItem) -> str:
-    """``item``'s answer in its task's house style: the same content in a convention the benchmark's
-    scorer rejects, as a base model's answers often are (a sentence instead of the short answer,
-    absolute pixel coordinates instead of Qwen2-VL's 0–1000 grid)."""
-    answer = item.answers[0]
-    if item.task == "synth_vqa":
-        return f"it is {answer}"
-    if item.task == "synth_geometry":
-        return f"{answer} units"
-    if item.task == "synth_chart":
-        return f"about {answer}"
-    if item.task == "synth_ocr":
-        # a full stop after the text, not quotes around it: reading then happens in the same context
-        # as in the scored convention (with quotes, unlearning the opening quote cost one seed's
-        # OCR expert its reading: +3.6)
-        return f"{answer}."
-    if item.task == "synth_grounding":
-        return "({},{}),({},{})".format(*item.spec["objects"][item.spec["target"]]["box"])
-    raise KeyError(f"no house style for task {item.task!r}")
+    """``item``'s answer in its task's house style (:data:`HOUSE_STYLES`)."""
+    if item.task not in HOUSE_STYLES:
+        raise KeyError(f"no house style for task {item.task!r}")
+    return HOUSE_STYLES[item.task](item)
 
 
 def _mixed_stream(tasks: Sequence[str], seed: int, stream: int, generalist: bool = False,
