@@ -40,7 +40,7 @@ from benchmarks.common import (
     timed,
     timed_with_peak_memory,
 )
-from mergekit_mllm.ops import closed_form
+from mergekit_mllm.ops import closed_form, fused
 from mergekit_mllm.ops.interference import (
     _Gradient,
     _make_optimizer,
@@ -218,6 +218,7 @@ def remeasure_elementwise(device: torch.device, *, save_as: Optional[str] = None
                                 lambda key, function: entry["results"].__setitem__(key, _guard(key, function)))
         entry["elementwise_environment"] = environment(device)
         entry["elementwise_environment"]["load_average"] = os.getloadavg()
+        entry["elementwise_environment"]["fused_min_elements"] = fused.MIN_ELEMENTS
         del vectors, base
         gc.collect()
         save_json(name, data)

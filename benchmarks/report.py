@@ -190,7 +190,7 @@ def _elementwise_kernel(data: Dict[str, Any]) -> List[str]:
     env = next((e.get("elementwise_environment") for e in data["entries"] if e.get("elementwise_environment")), None)
     if env:
         lines += ["", f"(element-wise rows re-timed with the streaming kernels, fused with torch.compile for tensors of "
-                  f"≥ 4 M entries (`mergekit_mllm/ops/fused.py`, inductor cache warm): torch threads "
+                  f"≥ {env.get('fused_min_elements', 1 << 22):,} entries (`mergekit_mllm/ops/fused.py`, inductor cache warm): torch threads "
                   f"{env.get('torch_threads')}, load average {', '.join(f'{x:.1f}' for x in env.get('load_average', []))}; "
                   "task_arithmetic is the faster of a run before and after the others)"]
     return lines

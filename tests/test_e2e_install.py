@@ -62,7 +62,7 @@ def test_doctor_reports_active_hook(fresh_env):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["hook_active"] and not report["methods_missing"] and report["hook_error"] is None
-    assert report["fused_kernels"].startswith(("auto: CPU tensors of >= 4,194,304 entries", "auto, but no C++ compiler"))
+    assert report["fused_kernels"].startswith(("auto: CPU tensors of >= 262,144 entries", "auto, but no C++ compiler"))
 
 
 def _expected(method, base, experts):
@@ -124,7 +124,7 @@ def test_stock_mergekit_multi_runs_every_method(fresh_env, qwen2_family, tmp_pat
 @pytest.mark.parametrize("method", ["ties_merging", "dare_ties_merging"])
 def test_stock_mergekit_yaml_with_fused_kernels_equals_eager(fresh_env, qwen2_family, tmp_path, method):
     """MERGEKIT_MLLM_COMPILE=1 forces the torch.compile kernels (by default only tensors of
-    ≥ 4 M entries use them): the merged checkpoint is the eager one, tensor for tensor."""
+    ≥ 262 144 entries use them): the merged checkpoint is the eager one, tensor for tensor."""
     import os
 
     recipe = write_recipe(tmp_path / "recipe.yml", recipe_for(method, qwen2_family["base"], qwen2_family["experts"]))

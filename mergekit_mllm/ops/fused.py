@@ -32,11 +32,14 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-#: ``auto`` compiles only for tensors at least this large
-#: (Qwen2-VL-7B: q/o 12.8 M and MLP 68 M entries are fused; k/v, 1.8 M, stay eager).
-MIN_ELEMENTS = 1 << 22
+#: ``auto`` compiles only for tensors at least this large (262 144 entries: every matrix of a 0.5B+
+#: model, e.g. Qwen2-VL-7B's k/v 1.8 M; the fused kernels beat eager from ~130 K entries, but a
+#: tiny model, like the offline benchmark's or the tests', would not repay the compile).
+MIN_ELEMENTS = 1 << 18
 #: elements per chunk for the fused kernels (they need no cache-sized temporaries)
 CHUNK = 1 << 20
+#: the kernels count in float32, exact up to this many entries per chunk
+MAX_CHUNK = 1 << 24
 
 _kernels: Dict[str, Callable] = {}
 _failed: Optional[str] = None
@@ -100,21 +103,28 @@ def _sum_kernel(base, experts, weights, uniform, drop, keep_divisor, scale, mean
     return result.to(out_dtype), finite, torch.isfinite(result).all()
 
 
-def _stats_kernel(base, experts, weights, uniform, drop, keep_divisor, low, high):
-    """Per expert: |τᵢ| inside the bracket low ≤ |τᵢ| ≤ high (ties at both ends included), −1
-    elsewhere, and the count below the bracket."""
-    _, vectors, finite = _task_vectors(base, experts, weights, uniform, drop, keep_divisor)
-    selected, below = [], []
+def _ties_kernel(base, experts, weights, uniform, drop, keep_divisor, threshold, low, high, excluded, scale,
+                 out_dtype: torch.dtype):
+    """TIES on one chunk with the provisional per-expert trim ``threshold``, plus what makes it exact
+    afterwards: per expert the counts of |τᵢ| below and at most ``threshold``, and per entry a flag
+    byte: 1 = the trimmed sum cancels to 0 (its sign is the global majority's, decided after the
+    pass), 2 = some |τᵢ| inside its bracket [low, high] other than ``excluded`` (the entries a
+    different threshold inside the bracket could trim differently; ``excluded`` is a large tie
+    group at the threshold itself, which only the counts describe).
+
+    Every reduction is a float32 sum (exact for counts up to 2^24 entries per chunk): int64 and
+    boolean accumulators made inductor split the kernel into four loops, twice as slow."""
+    b, vectors, finite = _task_vectors(base, experts, weights, uniform, drop, keep_divisor)
+    trimmed, counts = [], []
+    near = None
     for index, tv in enumerate(vectors):
         magnitude = tv.abs()
-        below.append((magnitude < low[index]).sum())
-        selected.append(torch.where((magnitude >= low[index]) & (magnitude <= high[index]), magnitude, -1.0))
-    return selected, torch.stack(below), finite
-
-
-def _ties_kernel(base, experts, weights, uniform, drop, keep_divisor, threshold, scale, out_dtype: torch.dtype):
-    b, vectors, finite = _task_vectors(base, experts, weights, uniform, drop, keep_divisor)
-    trimmed = [torch.where(tv.abs() >= threshold[index], tv, 0.0) for index, tv in enumerate(vectors)]
+        keep = magnitude >= threshold[index]
+        trimmed.append(torch.where(keep, tv, 0.0))
+        counts.append((~keep).to(torch.float32).sum())
+        counts.append((magnitude <= threshold[index]).to(torch.float32).sum())
+        inside = (magnitude >= low[index]) & (magnitude <= high[index]) & (magnitude != excluded[index])
+        near = inside if near is None else near | inside
     total = trimmed[0]
     for tv in trimmed[1:]:
         total = total + tv
@@ -129,12 +139,12 @@ def _ties_kernel(base, experts, weights, uniform, drop, keep_divisor, threshold,
         kept = positive if kept is None else kept + positive
     merged = (kept * sign) / count.clamp(min=1)
     undecided = (total == 0) & (count > 0)  # non-empty entries whose trimmed sum cancels to 0
-    result = b + merged * scale
-    return (result.to(out_dtype), torch.sign(total).sum(), undecided, undecided.any(), finite,
-            torch.isfinite(result).all())
+    flags = undecided.to(torch.uint8) + near.to(torch.uint8) * 2
+    result = (b + merged * scale).to(out_dtype)
+    return result, torch.sign(total).sum(), flags, torch.stack(counts), finite, torch.isfinite(result).all()
 
 
-_SOURCES = {"sum": _sum_kernel, "stats": _stats_kernel, "ties": _ties_kernel}
+_SOURCES = {"sum": _sum_kernel, "ties": _ties_kernel}
 
 #: Graph variants allowed per kernel. Each number of experts, input dtype and DARE on/off is one
 #: variant (shapes are dynamic); dynamo's default limit of 8 per function was reached in one

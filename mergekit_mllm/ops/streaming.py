@@ -38,6 +38,8 @@ from mergekit_mllm.ops.elementwise import _dare_generator
 
 #: Elements per chunk on the CPU (1 MiB of float32 per row of the chunk buffer).
 CPU_CHUNK = 1 << 18
+#: The smallest positive float32 (a subnormal): ``|τ| ≥`` it means ``τ ≠ 0``.
+_SMALLEST_POSITIVE = float(torch.nextafter(torch.tensor(0.0), torch.tensor(1.0)))
 #: Random sample size for the TIES threshold bracket and its half-width in quantile units.
 SAMPLE_SIZE = 1 << 17
 BRACKET = 0.004
@@ -65,7 +67,7 @@ class _Inputs:
         self.fused = fused.wanted(self.n, base.device, dtype)
         if chunk is None:
             chunk = (fused.CHUNK if self.fused else CPU_CHUNK) if base.device.type == "cpu" else self.n
-        self.chunk = max(1, min(chunk, self.n))
+        self.chunk = max(1, min(chunk, self.n, fused.MAX_CHUNK if self.fused else self.n))
         self.dtype = dtype
         self._base_buffer = torch.empty(self.chunk, dtype=dtype, device=base.device)
         self._tv_buffer = torch.empty((self.count, self.chunk), dtype=dtype, device=base.device)
@@ -129,7 +131,7 @@ class _Dare:
             torch.empty((inputs.count, inputs.n), dtype=torch.bool) if cache and drop_rate > 0 else None)
         self._recorded = False  # _keep holds a whole pass
         self._position = 0
-        self.restart()
+        self.generators: List[torch.Generator] = []  # (re)created by restart(), which starts every pass
 
     def restart(self) -> None:
         if self._keep is not None and self._position == self.inputs.n:
@@ -288,6 +290,49 @@ class _Growable:
         return self.buffer[: self.size]
 
 
+def _sample_positions(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``size`` flat positions, one uniformly at random in each of ``size`` equal strata of ``0…n−1``:
+    ascending (a cache-friendly gather) and unbiased (a plain stride aliases with the row and
+    column structure of low-rank task vectors)."""
+    if size >= n:
+        return torch.arange(n)
+    offsets = torch.rand(size, dtype=torch.float64, generator=generator)
+    positions = ((torch.arange(size, dtype=torch.float64) + offsets) * (n / size)).long()
+    return positions.clamp_(max=n - 1)
+
+
+def _bracket(inputs: _Inputs, rank: int, dare: Optional[_Dare]):
+    """Per expert, from a random sample of |τᵢ|: (low, high, estimate), columns N×1. The exact
+    threshold (the ``rank``-th smallest |τᵢ|) lies in [low, high] unless the sample was unlucky
+    (≈ 4 standard errors); counting over the whole tensor decides, and makes it exact."""
+    n = inputs.n
+    device = inputs.base.device
+    generator = torch.Generator().manual_seed(0)  # deterministic
+    positions = _sample_positions(n, min(n, SAMPLE_SIZE), generator).to(device)
+    base = inputs.base[positions].to(inputs.dtype)
+    m = positions.numel()
+    quantile = rank / n
+    # kthvalue is 1-based: the j-th smallest (0-based) is kthvalue(j + 1)
+    # BRACKET is ≈ 3.6 standard errors of the sample quantile at SAMPLE_SIZE; smaller samples
+    # (small tensors) widen it by the same number of standard errors
+    width = BRACKET * math.sqrt(max(1.0, SAMPLE_SIZE / m))
+    lo = math.floor((quantile - width) * m)
+    hi = math.ceil((quantile + width) * m)
+    middle = min(m - 1, max(0, round(quantile * m) - 1))
+    lows, highs, estimates = [], [], []
+    for index in range(inputs.count):
+        sample = ((inputs.experts[index][positions].to(inputs.dtype) - base) * inputs.weights[index]).abs_()
+        if dare is not None and dare.drop_rate > 0:
+            # dropped with an independent draw of the same rate: the bracket only has to contain
+            # the true value, counting makes it exact
+            keep = torch.rand(sample.shape, generator=generator) >= dare.drop_rate
+            sample = sample * keep.to(device) / (1.0 - dare.drop_rate)
+        lows.append(sample.kthvalue(min(lo, m - 1) + 1).values if lo >= 0 else sample.new_tensor(-1.0))
+        highs.append(sample.kthvalue(max(hi, 0) + 1).values if hi < m else sample.new_tensor(math.inf))
+        estimates.append(sample.kthvalue(middle + 1).values)
+    return torch.stack(lows).unsqueeze(1), torch.stack(highs).unsqueeze(1), torch.stack(estimates).unsqueeze(1)
+
+
 def _thresholds(inputs: _Inputs, density: float, dare: Optional[_Dare]) -> List[Optional[torch.Tensor]]:
     """Per expert: the k-th smallest |τᵢ| (k = ⌊n(1 − density)⌋), exactly, or None (keep all)."""
     n = inputs.n
@@ -295,27 +340,7 @@ def _thresholds(inputs: _Inputs, density: float, dare: Optional[_Dare]) -> List[
     if rank <= 0:
         return [None] * inputs.count
     device = inputs.base.device
-    # Bracket from a strided sample (DARE: the sample is dropped with an independent draw of the
-    # same rate; the bracket only has to contain the true value, counting makes it exact).
-    # Uniform random positions (a fixed generator: deterministic); a strided sample is biased
-    # for low-rank task vectors, whose magnitudes vary by row and column.
-    sample_generator = torch.Generator().manual_seed(0)
-    positions = torch.randint(0, n, (min(n, SAMPLE_SIZE),), generator=sample_generator).to(device)
-    quantile = rank / n
-    lows, highs = [], []
-    for index in range(inputs.count):
-        sample = inputs.task_vector_at(index, positions).abs()
-        if dare is not None and dare.drop_rate > 0:
-            keep = torch.rand(sample.shape, generator=sample_generator) >= dare.drop_rate
-            sample = sample * keep.to(device) / (1.0 - dare.drop_rate)
-        sample, _ = torch.sort(sample)
-        m = sample.numel()
-        lo = math.floor((quantile - BRACKET) * m)
-        hi = math.ceil((quantile + BRACKET) * m)
-        lows.append(sample[lo] if lo >= 0 else sample.new_tensor(-1.0))
-        highs.append(sample[hi] if hi < m else sample.new_tensor(math.inf))
-    low = torch.stack(lows).unsqueeze(1)
-    high = torch.stack(highs).unsqueeze(1)
+    low, high, _ = _bracket(inputs, rank, dare)
 
     # Counts below / at the low end / at the high end, values strictly inside: checkpoint task
     # vectors are quantised (multiples of the base's bf16 ulp), so the ends are often large ties.
@@ -325,10 +350,8 @@ def _thresholds(inputs: _Inputs, density: float, dare: Optional[_Dare]) -> List[
     # Values inside the bracket go straight into one preallocated buffer per expert (sized from
     # the sample, doubled if needed): keeping hundreds of small per-chunk pieces alive between the
     # chunk temporaries fragments the heap, and RSS grew by GBs that way.
-    capacity = int(2 * (2 * BRACKET) * n) + 4096
+    capacity = int(2 * (2 * max(BRACKET, 0.0)) * n * math.sqrt(max(1.0, SAMPLE_SIZE / min(n, SAMPLE_SIZE)))) + 4096
     inside = [_Growable(capacity, inputs.dtype, device) for _ in range(inputs.count)]
-    if inputs.fused:
-        return _fused_selection(inputs, rank, low, high, inside, dare)
     for _, _, _, vectors in _chunks(inputs, dare):
         magnitudes = vectors.abs_()
         below += (magnitudes < low).sum(dim=1)
@@ -354,36 +377,6 @@ def _thresholds(inputs: _Inputs, density: float, dare: Optional[_Dare]) -> List[
     return thresholds
 
 
-def _fused_selection(inputs: _Inputs, rank: int, low: torch.Tensor, high: torch.Tensor, inside: List[_Growable],
-                     dare: Optional[_Dare]) -> List[torch.Tensor]:
-    """:func:`_thresholds`' counting pass as one fused kernel per chunk: the count below the
-    bracket and the values inside it, ties at both ends included (a one-value bracket, e.g. a
-    tie at 0 of bf16 experts, is only counted)."""
-    kernel = _Fused(inputs, dare, 0.0)
-    point = (low == high).view(-1).tolist()
-    below = torch.zeros(inputs.count, dtype=torch.int64)
-    at_point = [0] * inputs.count
-    for start, stop, args in kernel.chunks():
-        selected, below_here, finite = kernel.call("stats", *args, low.view(-1), high.view(-1))
-        kernel.check_inputs(finite, start, stop)
-        below += below_here.cpu()
-        for index, values in enumerate(selected):
-            if point[index]:
-                at_point[index] += int((values >= 0).sum())
-            else:
-                inside[index].extend(values[values >= 0])
-    thresholds = []
-    for index in range(inputs.count):
-        values, below_i = inside[index].values(), int(below[index])
-        if point[index] and below_i < rank <= below_i + at_point[index]:
-            thresholds.append(low[index, 0])
-        elif not point[index] and below_i < rank <= below_i + values.numel():
-            thresholds.append(values.kthvalue(rank - below_i).values)
-        else:  # the sample's bracket missed: exact selection over the whole tensor
-            thresholds.append(_exact_threshold(inputs, index, rank, dare))
-    return thresholds
-
-
 def _exact_threshold(inputs: _Inputs, index: int, rank: int, dare: Optional[_Dare]) -> torch.Tensor:
     parts = [vectors[index].abs() for _, _, _, vectors in _chunks(inputs, dare, check=False)]
     return torch.cat(parts).kthvalue(rank).values
@@ -396,31 +389,37 @@ def _count_along_experts(mask: torch.Tensor) -> torch.Tensor:
     return mask.sum(dim=0)
 
 
-def _ties_fused(inputs: _Inputs, out: torch.Tensor, scale: float, name: str, density: float,
-                dare: Optional[_Dare] = None) -> None:
-    thresholds = _thresholds(inputs, density, dare)
-    keep_all = [t is None for t in thresholds]
-    threshold = _threshold_column(inputs, thresholds)  # keep-all rows: |τ| ≥ 0 keeps every entry
-    kernel = _Fused(inputs, dare, scale)
-    sign_total = 0
-    undecided = _Growable(4096, torch.int64, inputs.base.device)
-    for start, stop, args in kernel.chunks():
-        result, signs, undecided_here, any_undecided, finite_inputs, finite_result = kernel.call(
-            "ties", *args, threshold.view(-1), kernel.scale, out.dtype)
-        kernel.check_inputs(finite_inputs, start, stop)
-        if not bool(finite_result):
-            raise FloatingPointError(name)
-        sign_total += int(signs)  # a float32 sum of ±1 over ≤ 2^20 entries: exact
-        if bool(any_undecided):
-            undecided.extend(undecided_here.nonzero().squeeze(1) + start)
-        out[start:stop].copy_(result)
-    if undecided.size and sign_total > 0:
-        _fix_positive_majority(inputs, out, scale, undecided.values(), threshold, keep_all, dare)
-
-
 def _threshold_column(inputs: _Inputs, thresholds: List[Optional[torch.Tensor]]) -> torch.Tensor:
     zero = torch.zeros((), dtype=inputs.dtype, device=inputs.base.device)
     return torch.stack([t if t is not None else zero for t in thresholds]).unsqueeze(1)
+
+
+def _ties_entries(base: torch.Tensor, vectors: torch.Tensor, threshold: torch.Tensor, keep_all: Sequence[bool],
+                  scale: float):
+    """TIES on a block of entries (base: c, weighted task vectors: N×c, both overwritten):
+    (base + scale·merged, trimmed sum, count of agreeing entries). The elected sign of a zero
+    sum is provisionally "negative" (agreeing entries are the negative ones), which is right
+    unless the majority sign turns out positive: such entries are fixed after the pass."""
+    trimmed = vectors
+    if not all(keep_all):
+        trimmed.mul_(vectors.abs() >= threshold)  # ties at the threshold survive; keep-all rows: |τ| ≥ 0
+    total = trimmed.sum(dim=0)
+    sign = (total > 0).to(trimmed.dtype).mul_(2).sub_(1)
+    aligned = trimmed.mul_(sign)  # > 0 exactly where an entry agrees with the sign
+    count = _count_along_experts(aligned > 0)
+    kept = aligned.clamp_(min=0).sum(dim=0).mul_(sign)  # Σ of agreeing entries (×±1 is exact)
+    merged = kept.div_(count.clamp(min=1).to(kept.dtype))
+    return base.add_(merged.mul_(scale)), total, count
+
+
+def _positive_majority_entries(base: torch.Tensor, vectors: torch.Tensor, threshold: torch.Tensor,
+                               keep_all: Sequence[bool], scale: float) -> torch.Tensor:
+    """Entries whose trimmed sum is zero, under a positive majority sign: base + scale · the mean
+    of the positive entries."""
+    trimmed = vectors if all(keep_all) else vectors * (vectors.abs() >= threshold)
+    agrees = trimmed > 0
+    merged = (trimmed * agrees).sum(dim=0) / agrees.sum(dim=0).clamp(min=1)
+    return base + scale * merged
 
 
 def _ties_eager(inputs: _Inputs, out: torch.Tensor, scale: float, name: str, density: float,
@@ -432,30 +431,15 @@ def _ties_eager(inputs: _Inputs, out: torch.Tensor, scale: float, name: str, den
     # flat positions whose trimmed sum is 0 with a non-zero entry (one growable buffer: see _thresholds)
     undecided = _Growable(4096, torch.int64, inputs.base.device)
     for start, stop, base, vectors in _chunks(inputs, dare):
-        trimmed = vectors
-        if not all(keep_all):
-            trimmed.mul_(vectors.abs() >= threshold)  # ties at the threshold survive; keep-all rows: |τ| ≥ 0
-        total = trimmed.sum(dim=0)
-        positive = total > 0
+        result, total, count = _ties_entries(base, vectors, threshold, keep_all, scale)
         sign_total += torch.sign(total).sum().to(torch.int64)
-        # Elected sign as ±1, with the dense kernel's rule for zero sums provisionally "negative"
-        # (agreeing entries are the negative ones), which is right unless the majority sign
-        # turns out positive: such entries are recorded and fixed after the pass.
-        sign = positive.to(trimmed.dtype).mul_(2).sub_(1)
-        aligned = trimmed.mul_(sign)  # > 0 exactly where an entry agrees with the sign
-        count = _count_along_experts(aligned > 0)
-        kept = aligned.clamp_(min=0).sum(dim=0).mul_(sign)  # Σ of agreeing entries (×±1 is exact)
-        merged = kept.div_(count.clamp(min=1).to(kept.dtype))
         undecided_here = (total == 0) & (count > 0)  # cancelling entries, not all-zero ones
         if bool(undecided_here.any()):
             undecided.extend(undecided_here.nonzero().squeeze(1) + start)
-        _finish(base.add_(merged.mul_(scale)), out, start, stop, name)
+        _finish(result, out, start, stop, name)
     if undecided.size and int(sign_total) > 0:
         positions = undecided.values()
         _fix_positive_majority(inputs, out, scale, positions, threshold, keep_all, dare)
-
-
-ties = _with_fallback(_ties_fused, _ties_eager)
 
 
 def _fix_positive_majority(inputs, out, scale, positions, threshold, keep_all, dare) -> None:
@@ -467,12 +451,132 @@ def _fix_positive_majority(inputs, out, scale, positions, threshold, keep_all, d
             vectors[:, positions[(positions >= start) & (positions < stop)] - start]
             for start, stop, _, vectors in _chunks(inputs, dare, check=False)
         ], dim=1)
-    if not all(keep_all):
-        trimmed = trimmed * (trimmed.abs() >= threshold)
-    agrees = trimmed > 0
-    merged = (trimmed * agrees).sum(dim=0) / agrees.sum(dim=0).clamp(min=1)
     base = inputs.base[positions].to(inputs.dtype)
-    out[positions] = (base + scale * merged).to(out.dtype)
+    out[positions] = _positive_majority_entries(base, trimmed, threshold, keep_all, scale).to(out.dtype)
+
+
+def _ties_fused(inputs: _Inputs, out: torch.Tensor, scale: float, name: str, density: float,
+                dare: Optional[_Dare] = None) -> None:
+    """TIES in one fused pass: trim with each expert's threshold estimated from a sample (``t̂``),
+    and in the same pass count the entries below and at most ``t̂`` and flag the entries that a
+    threshold elsewhere in the sample's bracket would trim differently. Afterwards the exact
+    thresholds follow from the counts (checkpoint task vectors are quantised, so the exact one is
+    usually ``t̂`` itself) or from the flagged entries, and the few entries that they trim
+    differently are recomputed eagerly (same float32 operations: bit-identical to the two-pass
+    computation). A large tie group at ``t̂`` is not flagged (it would be most of the flagged
+    entries); if a bracket missed (rare), the thresholds are found exactly and the pass repeated."""
+    n = inputs.n
+    rank = int(n * (1.0 - density))
+    keep_all = [rank <= 0] * inputs.count
+    if rank > 0:
+        low, high, estimate = _bracket(inputs, rank, dare)
+        # the bracket's top in the tie group of t̂: the group is counted, not flagged
+        excluded = torch.where((high == estimate) & (estimate > 0), estimate, -2.0)
+    else:  # keep everything: threshold 0, an empty bracket (nothing is flagged)
+        estimate = torch.zeros((inputs.count, 1), dtype=inputs.dtype, device=inputs.base.device)
+        low = high = excluded = estimate - 2
+    exact = _ties_fused_pass(inputs, out, scale, name, rank, keep_all, low, high, excluded, estimate, dare)
+    if exact is not None:  # a bracket missed: the exact thresholds were computed; trim with them
+        empty = torch.full_like(exact, -2.0)
+        _ties_fused_pass(inputs, out, scale, name, rank, keep_all, empty, empty, empty, exact, dare, exact=True)
+
+
+def _ties_fused_pass(inputs, out, scale, name, rank, keep_all, low, high, excluded, estimate, dare,
+                     exact: bool = False) -> Optional[torch.Tensor]:
+    """One fused pass with the trim thresholds ``estimate`` (N×1), then the fix-up to the exact
+    thresholds (``exact``: ``estimate`` is exact already). Returns None when done, or the exact
+    thresholds (N×1) when a bracket missed and the pass must be repeated with them."""
+    kernel = _Fused(inputs, dare, scale)
+    device = inputs.base.device
+    # Zero entries (unchanged weights, DARE's drops: often most of a tensor) contribute nothing
+    # whether trimmed or kept, so they are never flagged.
+    low_positive = low.clamp(min=_SMALLEST_POSITIVE)
+    sign_total = 0
+    counts = torch.zeros(2 * inputs.count, dtype=torch.int64, device=device)
+    flagged = _Growable(4096, torch.int64, device)
+    flags = _Growable(4096, torch.uint8, device)
+    uniforms: List[torch.Tensor] = []  # DARE: the draws at the flagged entries
+    for start, stop, args in kernel.chunks():
+        result, signs, flags_here, counts_here, finite_inputs, finite_result = kernel.call(
+            "ties", *args, estimate.view(-1), low_positive.view(-1), high.view(-1), excluded.view(-1),
+            kernel.scale, out.dtype)
+        kernel.check_inputs(finite_inputs, start, stop)
+        if not bool(finite_result):
+            raise FloatingPointError(name)
+        sign_total += int(signs)  # float32 sums of ±1 and of 0/1 over ≤ 2^24 entries: exact
+        counts += counts_here.to(torch.int64)
+        here = flags_here.nonzero().squeeze(1)
+        if here.numel():
+            flagged.extend(here + start)
+            flags.extend(flags_here[here])
+            if args[3] is not None:
+                uniforms.append(args[3][:, here])
+        out[start:stop].copy_(result)
+
+    positions, flag_values = flagged.values(), flags.values()
+    # the weighted (DARE-dropped) task vectors at the flagged entries, as the kernel computed them
+    base_at = inputs.base[positions].to(inputs.dtype)
+    vectors = torch.stack([(expert[positions].to(inputs.dtype) - base_at) * weight
+                           for expert, weight in zip(inputs.experts, inputs.weights)])
+    if kernel.dare is not None and positions.numel():
+        keep = torch.cat(uniforms, dim=1) >= kernel.dare.drop_rate
+        vectors.mul_(keep).div_(1.0 - kernel.dare.drop_rate)
+    magnitudes = vectors.abs()
+
+    thresholds: List[Optional[torch.Tensor]] = []
+    missed = []
+    for index in range(inputs.count):
+        if exact or keep_all[index]:
+            thresholds.append(estimate[index, 0] if exact else None)
+            continue
+        below, at_most = int(counts[2 * index]), int(counts[2 * index + 1])  # |τᵢ| < t̂, ≤ t̂
+        guess, found = estimate[index, 0], None
+        values = magnitudes[index]
+        if below < rank <= at_most:  # the usual case: the exact threshold is the estimate
+            found = guess
+        elif rank <= below:  # below t̂: every non-zero |τᵢ| in [low, t̂) is flagged
+            inside = values[(values >= low_positive[index, 0]) & (values < guess)]
+            under = below - inside.numel()  # |τᵢ| below the bracket (zeros, if it starts at 0)
+            if under < rank:
+                found = inside.kthvalue(rank - under).values
+            elif low[index, 0] <= 0:  # more than `rank` zeros
+                found = torch.zeros((), dtype=inputs.dtype, device=device)
+        elif excluded[index, 0] < 0:  # above t̂ (whose tie group is flagged): (t̂, high] is flagged
+            inside = values[(values > guess) & (values <= high[index, 0])]
+            if rank <= at_most + inside.numel():
+                found = inside.kthvalue(rank - at_most).values
+        thresholds.append(found)
+        if found is None:  # the sample's bracket missed
+            missed.append(index)
+    if missed:
+        for index in missed:
+            thresholds[index] = _exact_threshold(inputs, index, rank, dare)
+        return _threshold_column(inputs, thresholds)
+    threshold = _threshold_column(inputs, thresholds)
+
+    # entries that the exact thresholds trim differently from the estimates: recompute them
+    changed = ((magnitudes >= threshold) != (magnitudes >= estimate)).any(dim=0)
+    undecided = (flag_values & 1).bool() & ~changed
+    recomputed = changed.nonzero().squeeze(1)
+    if recomputed.numel():
+        where = positions[recomputed]
+        block = vectors[:, recomputed]
+        before = block * (block.abs() >= estimate)
+        sign_total -= int(torch.sign(before.sum(dim=0)).sum())
+        result, total, count = _ties_entries(base_at[recomputed], block.clone(), threshold, keep_all, scale)
+        if not bool(torch.isfinite(result).all()):
+            raise FloatingPointError(name)
+        sign_total += int(torch.sign(total).sum())
+        out[where] = result.to(out.dtype)
+        undecided[recomputed] = (total == 0) & (count > 0)
+    if sign_total > 0 and bool(undecided.any()):
+        chosen = undecided.nonzero().squeeze(1)
+        out[positions[chosen]] = _positive_majority_entries(
+            base_at[chosen], vectors[:, chosen], threshold, keep_all, scale).to(out.dtype)
+    return None
+
+
+ties = _with_fallback(_ties_fused, _ties_eager)
 
 
 # ---------------------------------------------------------------- entry point
@@ -489,7 +593,8 @@ def merge(method: str, base: torch.Tensor, experts: Sequence[torch.Tensor], weig
     """
     inputs = _Inputs(base, experts, weights, dtype, chunk)
     out = torch.empty(inputs.n, dtype=base.dtype, device=base.device)
-    dare = (_Dare(inputs, drop_rate, seed, tensor_name, cache=method == "dare_ties_merging")
+    # the eager DARE+TIES reads the tensor several times: it records its masks (the fused one reads it once)
+    dare = (_Dare(inputs, drop_rate, seed, tensor_name, cache=method == "dare_ties_merging" and not inputs.fused)
             if method.startswith("dare_") else None)
     if method == "weight_average":
         weight_average(inputs, out, scale, name)
