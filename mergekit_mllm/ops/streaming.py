@@ -514,14 +514,21 @@ def _ties_fused_pass(inputs, out, scale, name, rank, keep_all, low, high, exclud
         out[start:stop].copy_(result)
 
     positions, flag_values = flagged.values(), flags.values()
-    # the weighted (DARE-dropped) task vectors at the flagged entries, as the kernel computed them
-    base_at = inputs.base[positions].to(inputs.dtype)
-    vectors = torch.stack([(expert[positions].to(inputs.dtype) - base_at) * weight
-                           for expert, weight in zip(inputs.experts, inputs.weights)])
-    if kernel.dare is not None and positions.numel():
-        keep = torch.cat(uniforms, dim=1) >= kernel.dare.drop_rate
-        vectors.mul_(keep).div_(1.0 - kernel.dare.drop_rate)
-    magnitudes = vectors.abs()
+    gathered = {}
+
+    def at_flagged():
+        """(base, weighted (DARE-dropped) task vectors N×F, |τ|) at the flagged entries, as the
+        kernel computed them; gathered only when needed (usually the estimates are exact and
+        the majority sign is negative, and nothing is)."""
+        if not gathered:
+            base_at = inputs.base[positions].to(inputs.dtype)
+            vectors = torch.stack([(expert[positions].to(inputs.dtype) - base_at) * weight
+                                   for expert, weight in zip(inputs.experts, inputs.weights)])
+            if kernel.dare is not None and positions.numel():
+                keep = torch.cat(uniforms, dim=1) >= kernel.dare.drop_rate
+                vectors.mul_(keep).div_(1.0 - kernel.dare.drop_rate)
+            gathered.update(base=base_at, vectors=vectors, magnitudes=vectors.abs())
+        return gathered["base"], gathered["vectors"], gathered["magnitudes"]
 
     thresholds: List[Optional[torch.Tensor]] = []
     missed = []
@@ -531,10 +538,11 @@ def _ties_fused_pass(inputs, out, scale, name, rank, keep_all, low, high, exclud
             continue
         below, at_most = int(counts[2 * index]), int(counts[2 * index + 1])  # |τᵢ| < t̂, ≤ t̂
         guess, found = estimate[index, 0], None
-        values = magnitudes[index]
         if below < rank <= at_most:  # the usual case: the exact threshold is the estimate
-            found = guess
-        elif rank <= below:  # below t̂: every non-zero |τᵢ| in [low, t̂) is flagged
+            thresholds.append(guess)
+            continue
+        values = at_flagged()[2][index]
+        if rank <= below:  # below t̂: every non-zero |τᵢ| in [low, t̂) is flagged
             inside = values[(values >= low_positive[index, 0]) & (values < guess)]
             under = below - inside.numel()  # |τᵢ| below the bracket (zeros, if it starts at 0)
             if under < rank:
@@ -554,23 +562,27 @@ def _ties_fused_pass(inputs, out, scale, name, rank, keep_all, low, high, exclud
         return _threshold_column(inputs, thresholds)
     threshold = _threshold_column(inputs, thresholds)
 
-    # entries that the exact thresholds trim differently from the estimates: recompute them
-    changed = ((magnitudes >= threshold) != (magnitudes >= estimate)).any(dim=0)
-    undecided = (flag_values & 1).bool() & ~changed
-    recomputed = changed.nonzero().squeeze(1)
-    if recomputed.numel():
-        where = positions[recomputed]
-        block = vectors[:, recomputed]
-        before = block * (block.abs() >= estimate)
-        sign_total -= int(torch.sign(before.sum(dim=0)).sum())
-        result, total, count = _ties_entries(base_at[recomputed], block.clone(), threshold, keep_all, scale)
-        if not bool(torch.isfinite(result).all()):
-            raise FloatingPointError(name)
-        sign_total += int(torch.sign(total).sum())
-        out[where] = result.to(out.dtype)
-        undecided[recomputed] = (total == 0) & (count > 0)
+    undecided = (flag_values & 1).bool()
+    if not bool((threshold == estimate).all()):
+        # entries that the exact thresholds trim differently from the estimates: recompute them
+        base_at, vectors, magnitudes = at_flagged()
+        changed = ((magnitudes >= threshold) != (magnitudes >= estimate)).any(dim=0)
+        undecided &= ~changed
+        recomputed = changed.nonzero().squeeze(1)
+        if recomputed.numel():
+            where = positions[recomputed]
+            block = vectors[:, recomputed]
+            before = block * (block.abs() >= estimate)
+            sign_total -= int(torch.sign(before.sum(dim=0)).sum())
+            result, total, count = _ties_entries(base_at[recomputed], block.clone(), threshold, keep_all, scale)
+            if not bool(torch.isfinite(result).all()):
+                raise FloatingPointError(name)
+            sign_total += int(torch.sign(total).sum())
+            out[where] = result.to(out.dtype)
+            undecided[recomputed] = (total == 0) & (count > 0)
     if sign_total > 0 and bool(undecided.any()):
         chosen = undecided.nonzero().squeeze(1)
+        base_at, vectors, _ = at_flagged()
         out[positions[chosen]] = _positive_majority_entries(
             base_at[chosen], vectors[:, chosen], threshold, keep_all, scale).to(out.dtype)
     return None
