@@ -9,17 +9,32 @@ chunk, reused), reading each bfloat16 input once per pass and writing the
 output once:
 
 * Weight Average, DARE+TA: one pass.
-* TIES, DARE+TIES: two passes. The per-expert trim threshold (the k-th
-  smallest |τᵢ|, exactly as ``kthvalue`` over the whole tensor) is found by
-  bracketing it with a random sample and counting/gathering only the values
-  inside the bracket (≈1 % of the tensor); when the bracket misses, that
-  expert falls back to the exact ``kthvalue``. The elected sign needs the
-  global majority sign only for entries whose trimmed sum is exactly zero but
-  non-empty; those (rare) entries are recorded and fixed after the pass.
+* TIES, DARE+TIES need each expert's trim threshold (the k-th smallest |τᵢ|,
+  exactly as ``kthvalue`` over the whole tensor). A random sample of |τᵢ| gives an
+  estimate and a bracket [low, high] that holds the exact value unless the sample
+  was unlucky (≈ 3.6 standard errors).
+
+  - Fused (CPU, large tensors): one pass trims with the estimate and, in the same
+    kernel, counts the entries below / at most the estimate and flags the entries a
+    threshold elsewhere in the bracket would trim differently. Afterwards the counts
+    tell whether the estimate was exact (checkpoint task vectors are quantised,
+    multiples of the base's bfloat16 ulp, so the threshold is a large tie group that
+    the sample usually hits: such a group is counted, not flagged); if not, the exact
+    threshold comes from the flagged entries and only the entries it trims
+    differently are recomputed.
+  - Eager: a counting pass gathers the values inside the bracket (≈ 1 % of the
+    tensor) and selects the exact threshold from them, then a second pass merges.
+
+  Either way a missed bracket falls back to the exact ``kthvalue`` (and, fused, a
+  repeated pass). The elected sign needs the global majority sign only for entries
+  whose trimmed sum is exactly zero but non-empty; those entries (a few per cent
+  of a quantised bfloat16 tensor, where ±1 ulp often cancel) are recorded and
+  fixed after the pass if the majority turns out positive.
 
 Results are identical to the dense kernels (same float32 operations in the same
 order per entry; DARE masks come from the same per-expert generator, drawn in
-order — ``torch.rand`` on the CPU is chunk-consistent).
+order — ``torch.rand`` on the CPU is chunk-consistent; entries recomputed after a
+fused pass go through the same float32 operations as the eager chunks).
 
 On the CPU, large tensors run each pass as one fused ``torch.compile`` kernel
 (:mod:`mergekit_mllm.ops.fused`, same expressions; eager fallback when compiling
@@ -113,7 +128,7 @@ class _Inputs:
 class _Dare:
     """Per-expert Bernoulli keep-masks drawn in chunk order from the dense kernel's generators.
 
-    With ``cache`` (multi-pass methods: DARE+TIES reads the tensor two or three times) the first
+    With ``cache`` (the eager DARE+TIES reads the tensor two or three times) the first
     complete pass records the keep-masks (one bool per entry and expert) and later passes replay
     them instead of drawing again from torch's serial CPU generator, which dominated their cost.
     Replayed masks are the drawn ones, so results are bit-identical either way.
