@@ -90,6 +90,7 @@ def test_fused_ties_fixes_up_the_entries_a_sampled_threshold_trims_wrongly(compi
     the exact threshold, the global sign count corrected, and the result equal the dense kernel."""
     monkeypatch.setattr(streaming, "SAMPLE_SIZE", 300)
     monkeypatch.setattr(streaming, "BRACKET", 0.08)
+    monkeypatch.setattr(streaming, "FIX_BLOCK", 97)  # the fix-up runs in several blocks
     recomputed = []
     original = streaming._ties_entries
     monkeypatch.setattr(streaming, "_ties_entries",
@@ -99,7 +100,7 @@ def test_fused_ties_fixes_up_the_entries_a_sampled_threshold_trims_wrongly(compi
     got = streaming.merge(method, base, experts, weights, scale=0.8, dtype=torch.float32, tensor_name=NAME,
                           chunk=500, **params)
     assert compiled.count("ties") == -(-base.numel() // 500)  # one pass, no repeat
-    assert recomputed and 0 < recomputed[0] < base.numel() // 10
+    assert len(recomputed) > 1 and 0 < sum(recomputed) < base.numel() // 10  # some entries, in several blocks
     torch.testing.assert_close(got, dense(method, base, experts, weights, 0.8, **params), rtol=0, atol=0)
 
 
@@ -125,6 +126,7 @@ def test_fused_ties_fix_up_can_create_zero_sum_entries(compiled, monkeypatch, ma
     side away) still take the global majority sign."""
     monkeypatch.setattr(streaming, "SAMPLE_SIZE", 64)
     monkeypatch.setattr(streaming, "BRACKET", 0.2)
+    monkeypatch.setattr(streaming, "FIX_BLOCK", 50)
     cancelling = []
     original = streaming._ties_entries
 
@@ -142,7 +144,7 @@ def test_fused_ties_fix_up_can_create_zero_sum_entries(compiled, monkeypatch, ma
     second[::10] = -first[::10]  # … and cancels `first` wherever `first` survives its trim
     got = streaming.merge("ties_merging", base, [first, second], [1.0, 1.0], scale=1.0, dtype=torch.float32,
                           chunk=256, density=0.5)
-    assert cancelling and cancelling[0] > 0  # recomputed entries that now cancel
+    assert sum(cancelling) > 0  # recomputed entries that now cancel
     torch.testing.assert_close(got, dense("ties_merging", base, [first, second], [1.0, 1.0], 1.0, density=0.5),
                                rtol=0, atol=0)
 

@@ -53,10 +53,16 @@ from mergekit_mllm.ops.elementwise import _dare_generator
 
 #: Elements per chunk on the CPU (1 MiB of float32 per row of the chunk buffer).
 CPU_CHUNK = 1 << 18
+#: Flagged entries are fixed up in blocks of this many (bounded temporaries).
+FIX_BLOCK = 1 << 20
 #: The smallest positive float32 (a subnormal): ``|τ| ≥`` it means ``τ ≠ 0``.
 _SMALLEST_POSITIVE = float(torch.nextafter(torch.tensor(0.0), torch.tensor(1.0)))
-#: Random sample size for the TIES threshold bracket and its half-width in quantile units.
+#: Random sample size for the TIES threshold bracket (at most; smaller tensors sample one
+#: entry in SAMPLE_STRIDE, at least SAMPLE_MIN) and the bracket's half-width in quantile units at
+#: SAMPLE_SIZE (≈ 3.6 standard errors of the sample quantile; widened for smaller samples).
 SAMPLE_SIZE = 1 << 17
+SAMPLE_STRIDE = 32
+SAMPLE_MIN = 1 << 14
 BRACKET = 0.004
 
 
@@ -316,6 +322,17 @@ def _sample_positions(n: int, size: int, generator: torch.Generator) -> torch.Te
     return positions.clamp_(max=n - 1)
 
 
+def _sample_size(n: int) -> int:
+    """Entries sampled for a tensor of ``n``: gathering them costs about as much per entry as a
+    pass, so a tensor of a million entries samples 1/32 of them, not an eighth."""
+    return min(n, SAMPLE_SIZE, max(SAMPLE_MIN, n // SAMPLE_STRIDE))
+
+
+def _bracket_width(n: int) -> float:
+    """The bracket's half-width in quantile units for a sample of ``_sample_size(n)``."""
+    return BRACKET * math.sqrt(max(1.0, SAMPLE_SIZE / _sample_size(n)))
+
+
 def _bracket(inputs: _Inputs, rank: int, dare: Optional[_Dare]):
     """Per expert, from a random sample of |τᵢ|: (low, high, estimate), columns N×1. The exact
     threshold (the ``rank``-th smallest |τᵢ|) lies in [low, high] unless the sample was unlucky
@@ -323,14 +340,12 @@ def _bracket(inputs: _Inputs, rank: int, dare: Optional[_Dare]):
     n = inputs.n
     device = inputs.base.device
     generator = torch.Generator().manual_seed(0)  # deterministic
-    positions = _sample_positions(n, min(n, SAMPLE_SIZE), generator).to(device)
+    positions = _sample_positions(n, _sample_size(n), generator).to(device)
     base = inputs.base[positions].to(inputs.dtype)
     m = positions.numel()
     quantile = rank / n
     # kthvalue is 1-based: the j-th smallest (0-based) is kthvalue(j + 1)
-    # BRACKET is ≈ 3.6 standard errors of the sample quantile at SAMPLE_SIZE; smaller samples
-    # (small tensors) widen it by the same number of standard errors
-    width = BRACKET * math.sqrt(max(1.0, SAMPLE_SIZE / m))
+    width = _bracket_width(n)
     lo = math.floor((quantile - width) * m)
     hi = math.ceil((quantile + width) * m)
     middle = min(m - 1, max(0, round(quantile * m) - 1))
@@ -365,7 +380,7 @@ def _thresholds(inputs: _Inputs, density: float, dare: Optional[_Dare]) -> List[
     # Values inside the bracket go straight into one preallocated buffer per expert (sized from
     # the sample, doubled if needed): keeping hundreds of small per-chunk pieces alive between the
     # chunk temporaries fragments the heap, and RSS grew by GBs that way.
-    capacity = int(2 * (2 * max(BRACKET, 0.0)) * n * math.sqrt(max(1.0, SAMPLE_SIZE / min(n, SAMPLE_SIZE)))) + 4096
+    capacity = int(2 * (2 * max(_bracket_width(n), 0.0)) * n) + 4096
     inside = [_Growable(capacity, inputs.dtype, device) for _ in range(inputs.count)]
     for _, _, _, vectors in _chunks(inputs, dare):
         magnitudes = vectors.abs_()
@@ -402,6 +417,10 @@ def _count_along_experts(mask: torch.Tensor) -> torch.Tensor:
     if mask.shape[0] < 256:
         return mask.view(torch.uint8).sum(dim=0, dtype=torch.uint8)
     return mask.sum(dim=0)
+
+
+def _concat(parts: List[torch.Tensor], dtype: torch.dtype, device) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
 
 
 def _threshold_column(inputs: _Inputs, thresholds: List[Optional[torch.Tensor]]) -> torch.Tensor:
@@ -510,7 +529,7 @@ def _ties_fused_pass(inputs, out, scale, name, rank, keep_all, low, high, exclud
     counts = torch.zeros(2 * inputs.count, dtype=torch.int64, device=device)
     flagged = _Growable(4096, torch.int64, device)
     flags = _Growable(4096, torch.uint8, device)
-    uniforms: List[torch.Tensor] = []  # DARE: the draws at the flagged entries
+    keeps: List[torch.Tensor] = []  # DARE: the keep-masks at the flagged entries (N×F bool)
     for start, stop, args in kernel.chunks():
         result, signs, flags_here, counts_here, finite_inputs, finite_result = kernel.call(
             "ties", *args, estimate.view(-1), low_positive.view(-1), high.view(-1), excluded.view(-1),
@@ -524,53 +543,72 @@ def _ties_fused_pass(inputs, out, scale, name, rank, keep_all, low, high, exclud
         if here.numel():
             flagged.extend(here + start)
             flags.extend(flags_here[here])
-            if args[3] is not None:
-                uniforms.append(args[3][:, here])
+            if kernel.dare is not None:
+                keeps.append(args[3][:, here] >= kernel.dare.drop_rate)
         out[start:stop].copy_(result)
 
     positions, flag_values = flagged.values(), flags.values()
-    gathered = {}
+    keep = torch.cat(keeps, dim=1) if keeps else None
+    del keeps
 
-    def at_flagged():
-        """(base, weighted (DARE-dropped) task vectors N×F, |τ|) at the flagged entries, as the
-        kernel computed them; gathered only when needed (usually the estimates are exact and
-        the majority sign is negative, and nothing is)."""
-        if not gathered:
-            base_at = inputs.base[positions].to(inputs.dtype)
-            vectors = torch.stack([(expert[positions].to(inputs.dtype) - base_at) * weight
-                                   for expert, weight in zip(inputs.experts, inputs.weights)])
-            if kernel.dare is not None and positions.numel():
-                keep = torch.cat(uniforms, dim=1) >= kernel.dare.drop_rate
-                vectors.mul_(keep).div_(1.0 - kernel.dare.drop_rate)
-            gathered.update(base=base_at, vectors=vectors, magnitudes=vectors.abs())
-        return gathered["base"], gathered["vectors"], gathered["magnitudes"]
+    def at_flagged(select):
+        """(flat positions, base, weighted (DARE-dropped) task vectors N×k) at the flagged entries
+        ``select`` (a slice or indices into them), as the kernel computed them. Only gathered when
+        needed (usually the estimates are exact and nothing is), in blocks of FIX_BLOCK entries so
+        that the fix-up holds a few MiB, not a copy of the tensor."""
+        where = positions[select]
+        base_at = inputs.base[where].to(inputs.dtype)
+        vectors = torch.stack([(expert[where].to(inputs.dtype) - base_at) * weight
+                               for expert, weight in zip(inputs.experts, inputs.weights)])
+        if keep is not None:
+            vectors.mul_(keep[:, select]).div_(1.0 - kernel.dare.drop_rate)
+        return where, base_at, vectors
 
-    thresholds: List[Optional[torch.Tensor]] = []
-    missed = []
+    def blocks(count: int):
+        for begin in range(0, count, FIX_BLOCK):
+            yield slice(begin, min(count, begin + FIX_BLOCK))
+
+    thresholds: List[Optional[torch.Tensor]] = [None] * inputs.count
+    unresolved = []  # experts whose exact threshold is not the estimate
     for index in range(inputs.count):
-        if exact or keep_all[index]:
-            thresholds.append(estimate[index, 0] if exact else None)
-            continue
-        below, at_most = int(counts[2 * index]), int(counts[2 * index + 1])  # |τᵢ| < t̂, ≤ t̂
-        guess, found = estimate[index, 0], None
-        if below < rank <= at_most:  # the usual case: the exact threshold is the estimate
-            thresholds.append(guess)
-            continue
-        values = at_flagged()[2][index]
-        if rank <= below:  # below t̂: every non-zero |τᵢ| in [low, t̂) is flagged
-            inside = values[(values >= low_positive[index, 0]) & (values < guess)]
+        if exact:
+            thresholds[index] = estimate[index, 0]
+        elif not keep_all[index]:
+            below, at_most = int(counts[2 * index]), int(counts[2 * index + 1])  # |τᵢ| < t̂, ≤ t̂
+            if below < rank <= at_most:  # the usual case: the exact threshold is the estimate
+                thresholds[index] = estimate[index, 0]
+            else:
+                unresolved.append(index)
+    # Below t̂, every non-zero |τᵢ| in [low, t̂) is flagged; above it, (t̂, high] is, unless t̂'s
+    # tie group was excluded (then the bracket missed).
+    under_values = {index: [] for index in unresolved}
+    over_values = {index: [] for index in unresolved}
+    if unresolved:
+        for select in blocks(positions.numel()):
+            magnitudes = at_flagged(select)[2].abs_()
+            for index in unresolved:
+                values, guess = magnitudes[index], estimate[index, 0]
+                under_values[index].append(values[(values >= low_positive[index, 0]) & (values < guess)])
+                over_values[index].append(values[(values > guess) & (values <= high[index, 0])])
+    missed = []
+    for index in unresolved:
+        below, at_most = int(counts[2 * index]), int(counts[2 * index + 1])
+        found = None
+        if rank <= below:
+            inside = _concat(under_values[index], inputs.dtype, device)
             under = below - inside.numel()  # |τᵢ| below the bracket (zeros, if it starts at 0)
             if under < rank:
                 found = inside.kthvalue(rank - under).values
             elif low[index, 0] <= 0:  # more than `rank` zeros
                 found = torch.zeros((), dtype=inputs.dtype, device=device)
-        elif excluded[index, 0] < 0:  # above t̂ (whose tie group is flagged): (t̂, high] is flagged
-            inside = values[(values > guess) & (values <= high[index, 0])]
+        elif excluded[index, 0] < 0:
+            inside = _concat(over_values[index], inputs.dtype, device)
             if rank <= at_most + inside.numel():
                 found = inside.kthvalue(rank - at_most).values
-        thresholds.append(found)
+        thresholds[index] = found
         if found is None:  # the sample's bracket missed
             missed.append(index)
+    del under_values, over_values
     if missed:
         for index in missed:
             thresholds[index] = _exact_threshold(inputs, index, rank, dare)
@@ -578,28 +616,29 @@ def _ties_fused_pass(inputs, out, scale, name, rank, keep_all, low, high, exclud
     threshold = _threshold_column(inputs, thresholds)
 
     undecided = (flag_values & 1).bool()
-    if not bool((threshold == estimate).all()):
+    if unresolved:
         # entries that the exact thresholds trim differently from the estimates: recompute them
-        base_at, vectors, magnitudes = at_flagged()
-        changed = ((magnitudes >= threshold) != (magnitudes >= estimate)).any(dim=0)
-        undecided &= ~changed
-        recomputed = changed.nonzero().squeeze(1)
-        if recomputed.numel():
-            where = positions[recomputed]
+        for select in blocks(positions.numel()):
+            where, base_at, vectors = at_flagged(select)
+            magnitudes = vectors.abs()
+            changed = ((magnitudes >= threshold) != (magnitudes >= estimate)).any(dim=0)
+            recomputed = changed.nonzero().squeeze(1)
+            if not recomputed.numel():
+                continue
             block = vectors[:, recomputed]
             before = block * (block.abs() >= estimate)
             sign_total -= int(torch.sign(before.sum(dim=0)).sum())
-            result, total, count = _ties_entries(base_at[recomputed], block.clone(), threshold, keep_all, scale)
+            result, total, count = _ties_entries(base_at[recomputed], block, threshold, keep_all, scale)
             if not bool(torch.isfinite(result).all()):
                 raise FloatingPointError(name)
             sign_total += int(torch.sign(total).sum())
-            out[where] = result.to(out.dtype)
-            undecided[recomputed] = (total == 0) & (count > 0)
+            out[where[recomputed]] = result.to(out.dtype)
+            undecided[select][recomputed] = (total == 0) & (count > 0)
     if sign_total > 0 and bool(undecided.any()):
         chosen = undecided.nonzero().squeeze(1)
-        base_at, vectors, _ = at_flagged()
-        out[positions[chosen]] = _positive_majority_entries(
-            base_at[chosen], vectors[:, chosen], threshold, keep_all, scale).to(out.dtype)
+        for select in blocks(chosen.numel()):
+            where, base_at, vectors = at_flagged(chosen[select])
+            out[where] = _positive_majority_entries(base_at, vectors, threshold, keep_all, scale).to(out.dtype)
     return None
 
 
