@@ -44,6 +44,7 @@ fails).
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -131,6 +132,25 @@ class _Inputs:
         return (self.experts[index][positions].to(self.dtype) - base) * self.weights[index]
 
 
+_draw_pool: Optional[ThreadPoolExecutor] = None
+
+
+def _fill_uniform(rows: torch.Tensor, generators: Sequence[torch.Generator]) -> None:
+    """``rows[i].uniform_(generator=generators[i])`` for every expert. torch's CPU generator is
+    serial (≈2 ns per draw), and it was most of DARE's cost; the experts' generators are
+    independent, so with more than one torch thread they draw in parallel threads (the GIL is
+    released inside the op). Same numbers either way: each stream is drawn by one thread, in order."""
+    global _draw_pool
+    workers = min(len(generators), torch.get_num_threads())
+    if workers <= 1:
+        for row, generator in zip(rows, generators):
+            row.uniform_(generator=generator)
+        return
+    if _draw_pool is None or _draw_pool._max_workers < workers:
+        _draw_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergekit-mllm-dare")
+    list(_draw_pool.map(lambda index: rows[index].uniform_(generator=generators[index]), range(len(generators))))
+
+
 class _Dare:
     """Per-expert Bernoulli keep-masks drawn in chunk order from the dense kernel's generators.
 
@@ -193,8 +213,7 @@ class _Dare:
         if self._recorded:
             rows.copy_(self._keep[:, span])
             return rows
-        for index, generator in enumerate(self.generators):
-            rows[index].uniform_(generator=generator)
+        _fill_uniform(rows, self.generators)
         if self._keep is not None:
             torch.ge(rows, self.drop_rate, out=self._keep[:, span])
         return rows
