@@ -355,7 +355,7 @@ def _bracket_width(n: int) -> float:
 def _bracket(inputs: _Inputs, rank: int, dare: Optional[_Dare]):
     """Per expert, from a random sample of |τᵢ|: (low, high, estimate), columns N×1. The exact
     threshold (the ``rank``-th smallest |τᵢ|) lies in [low, high] unless the sample was unlucky
-    (≈ 4 standard errors); counting over the whole tensor decides, and makes it exact."""
+    (≈ 3.6 standard errors); counting over the whole tensor decides, and makes it exact."""
     n = inputs.n
     device = inputs.base.device
     generator = torch.Generator().manual_seed(0)  # deterministic
