@@ -1,7 +1,7 @@
 """The fused (torch.compile) chunk kernels give the dense kernels' numbers, and fall back cleanly.
 
 `MERGEKIT_MLLM_COMPILE=1` forces them for tiny tensors (by default only tensors of
-≥ 4 M entries on the CPU use them). The first test of each kernel variant compiles it
+≥ 262 144 entries on the CPU use them). The first test of each kernel variant compiles it
 (seconds; inductor caches it on disk).
 """
 
