@@ -245,23 +245,16 @@ def test_many_kernel_variants_in_one_process_stay_fused(compiled):
     assert compiled.count("sum") == 10 * 3  # every chunk (192 entries in chunks of 64) of every merge
 
 
-def test_dare_draws_in_parallel_threads_give_the_same_masks(compiled):
-    """With more than one torch thread the experts' DARE generators draw in parallel threads;
-    each stream is still drawn in order by one thread, so the merge is the serial one."""
+@pytest.mark.parametrize("method", ["dare_task_arithmetic", "dare_ties_merging"])
+def test_fused_dare_masks_do_not_depend_on_the_chunking(compiled, method):
+    """The fused kernels compute DARE's masks from the entries' positions: every chunking (chunks
+    of 37, 64, or the whole tensor) gives the dense result, and the kernels did run."""
     base, experts = inputs((63, 41), 4, torch.bfloat16, seed=3)
-    params = {"drop_rate": 0.3, "density": 0.2, "seed": 1}
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        serial = streaming.merge("dare_ties_merging", base, experts, [1.0] * 4, scale=1.0, dtype=torch.float32,
-                                 tensor_name=NAME, chunk=37, **params)
-        torch.set_num_threads(2)
-        streaming._draw_pool = None
-        parallel = streaming.merge("dare_ties_merging", base, experts, [1.0] * 4, scale=1.0, dtype=torch.float32,
-                                   tensor_name=NAME, chunk=37, **params)
-        assert streaming._draw_pool is not None  # the threaded path ran
-    finally:
-        torch.set_num_threads(threads)
-    torch.testing.assert_close(parallel, serial, rtol=0, atol=0)
-    torch.testing.assert_close(parallel, dense("dare_ties_merging", base, experts, [1.0] * 4, 1.0, **params),
-                               rtol=0, atol=0)
+    params = {"drop_rate": 0.3, "seed": 1, **({"density": 0.2} if "ties" in method else {})}
+    want = dense(method, base, experts, [1.0, 0.5, 2.0, 1.0], 1.0, **params)
+    for chunk in (37, 64, base.numel()):
+        before = len(compiled)
+        got = streaming.merge(method, base, experts, [1.0, 0.5, 2.0, 1.0], scale=1.0, dtype=torch.float32,
+                              tensor_name=NAME, chunk=chunk, **params)
+        assert len(compiled) > before
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -9,10 +9,11 @@ DARE draws an independent Bernoulli mask per expert.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Optional
 
 import torch
+
+from mergekit_mllm.ops import counter_rng
 
 
 def weight_average(task_vectors: torch.Tensor) -> torch.Tensor:
@@ -60,31 +61,22 @@ def ties_merging(task_vectors: torch.Tensor, *, density: float) -> torch.Tensor:
     return disjoint_mean(trimmed, elect_sign(trimmed))
 
 
-def _dare_generator(seed: int, tensor_name: Optional[str], expert_index: int) -> torch.Generator:
-    # A stable hash (not Python's salted hash()) so that the same seed and
-    # tensor name give the same mask in every process and on every device.
-    digest = hashlib.sha256(f"{seed}\0{tensor_name or ''}\0{expert_index}".encode()).digest()
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    return generator
-
-
 def dare_drop(
     task_vectors: torch.Tensor, *, drop_rate: float, seed: int, tensor_name: Optional[str]
 ) -> torch.Tensor:
     """DARE: drop each entry with probability ``drop_rate``, rescale by 1/(1−p).
 
-    The mask is drawn on the CPU from a generator keyed by (seed, tensor name,
-    expert index), so results do not depend on the device or on merge order.
+    The mask comes from a counter-based generator keyed by (seed, tensor name, expert index)
+    and the entry's flat position (:mod:`mergekit_mllm.ops.counter_rng`), so results do not
+    depend on the device, on merge order or on how a streaming merge chunks the tensor.
     """
     if drop_rate == 0.0:
         return task_vectors.clone()
     dropped = []
     for index, task_vector in enumerate(task_vectors):
-        generator = _dare_generator(seed, tensor_name, index)
-        uniform = torch.rand(task_vector.shape, generator=generator, dtype=torch.float32)
-        keep = (uniform >= drop_rate).to(device=task_vector.device)
-        dropped.append(task_vector * keep / (1.0 - drop_rate))
+        key = counter_rng.expert_key(seed, tensor_name, index)
+        keep = counter_rng.keep_mask(key, task_vector.numel(), drop_rate, device=task_vector.device)
+        dropped.append(task_vector * keep.view(task_vector.shape) / (1.0 - drop_rate))
     return torch.stack(dropped)
 
 

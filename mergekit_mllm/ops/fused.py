@@ -32,6 +32,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from mergekit_mllm.ops import counter_rng
+
 #: ``auto`` compiles only for tensors at least this large (262 144 entries: every matrix of a 0.5B+
 #: model, e.g. Qwen2-VL-7B's k/v 1.8 M; the fused kernels beat eager from ~130 K entries, but a
 #: tiny model, like the offline benchmark's or the tests', would not repay the compile).
@@ -76,25 +78,32 @@ def disable(reason: str) -> None:
 # ---------------------------------------------------------------- kernels (traced by inductor)
 
 
-def _task_vectors(base, experts, weights, uniform, drop, keep_divisor):
+def _task_vectors(base, experts, weights, dare_keys, drop, keep_divisor):
     """The eager ``_Inputs.load`` + ``_Dare.apply``: (float32 base, [weighted (DARE-dropped) τᵢ], inputs finite).
+
+    ``dare_keys`` (or None): the chunk's counter offset and the experts' keys; the masks are
+    computed here, by the same :func:`counter_rng.uniform` as eagerly (integer ops: bit-identical).
 
     One 1-D tensor per expert, not an N×c stack: inductor vectorises the 1-D loops, and the
     stacked layout with dynamic shapes ran ~4× slower (measured)."""
     b = base.to(torch.float32)
     finite = torch.isfinite(b).all()
+    counters = None
+    if dare_keys is not None:
+        lo, k1, k2 = dare_keys
+        counters = torch.arange(b.shape[0], dtype=torch.int32, device=b.device) + lo
     vectors = []
     for index, expert in enumerate(experts):
         tv = (expert.to(torch.float32) - b) * weights[index]
         finite = finite & torch.isfinite(tv).all()
-        if uniform is not None:
-            tv = tv * (uniform[index] >= drop) / keep_divisor
+        if counters is not None:
+            tv = tv * (counter_rng.uniform(counters, k1[index], k2[index]) >= drop) / keep_divisor
         vectors.append(tv)
     return b, vectors, finite
 
 
-def _sum_kernel(base, experts, weights, uniform, drop, keep_divisor, scale, mean: bool, out_dtype: torch.dtype):
-    b, vectors, finite = _task_vectors(base, experts, weights, uniform, drop, keep_divisor)
+def _sum_kernel(base, experts, weights, dare_keys, drop, keep_divisor, scale, mean: bool, out_dtype: torch.dtype):
+    b, vectors, finite = _task_vectors(base, experts, weights, dare_keys, drop, keep_divisor)
     total = vectors[0]
     for tv in vectors[1:]:
         total = total + tv
@@ -103,7 +112,7 @@ def _sum_kernel(base, experts, weights, uniform, drop, keep_divisor, scale, mean
     return result.to(out_dtype), finite, torch.isfinite(result).all()
 
 
-def _ties_kernel(base, experts, weights, uniform, drop, keep_divisor, threshold, low, high, excluded, scale,
+def _ties_kernel(base, experts, weights, dare_keys, drop, keep_divisor, threshold, low, high, excluded, scale,
                  out_dtype: torch.dtype):
     """TIES on one chunk with the provisional per-expert trim ``threshold``, plus what makes it exact
     afterwards: per expert the counts of |τᵢ| below and at most ``threshold``, and per entry a flag
@@ -114,7 +123,7 @@ def _ties_kernel(base, experts, weights, uniform, drop, keep_divisor, threshold,
 
     Every reduction is a float32 sum (exact for counts up to 2^24 entries per chunk): int64 and
     boolean accumulators made inductor split the kernel into four loops, twice as slow."""
-    b, vectors, finite = _task_vectors(base, experts, weights, uniform, drop, keep_divisor)
+    b, vectors, finite = _task_vectors(base, experts, weights, dare_keys, drop, keep_divisor)
     trimmed, counts = [], []
     near = None
     for index, tv in enumerate(vectors):

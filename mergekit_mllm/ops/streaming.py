@@ -32,9 +32,10 @@ output once:
   fixed after the pass if the majority turns out positive.
 
 Results are identical to the dense kernels (same float32 operations in the same
-order per entry; DARE masks come from the same per-expert generator, drawn in
-order — ``torch.rand`` on the CPU is chunk-consistent; entries recomputed after a
-fused pass go through the same float32 operations as the eager chunks).
+order per entry; DARE masks come from the counter-based generator of
+:mod:`mergekit_mllm.ops.counter_rng`, a function of each entry's flat position, so
+any chunking, and any subset of positions, sees the same mask; entries recomputed
+after a fused pass go through the same float32 operations as the eager chunks).
 
 On the CPU, large tensors run each pass as one fused ``torch.compile`` kernel
 (:mod:`mergekit_mllm.ops.fused`, same expressions; eager fallback when compiling
@@ -44,13 +45,11 @@ fails).
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from mergekit_mllm.ops import fused
-from mergekit_mllm.ops.elementwise import _dare_generator
+from mergekit_mllm.ops import counter_rng, fused
 
 #: Elements per chunk on the CPU (1 MiB of float32 per row of the chunk buffer).
 CPU_CHUNK = 1 << 18
@@ -95,8 +94,8 @@ class _Inputs:
         self._tv_buffer = torch.empty((self.count, self.chunk), dtype=dtype, device=base.device)
 
     def spans(self):
-        for start in range(0, self.n, self.chunk):
-            yield start, min(self.n, start + self.chunk)
+        """Chunks of the tensor (never across a multiple of 2³¹: the DARE counters' split)."""
+        return counter_rng.spans(self.n, self.chunk)
 
     def load(self, start: int, stop: int, check: bool = True):
         """(base chunk, weighted task-vector chunk N×c) in the compute dtype (buffers are reused)."""
@@ -122,9 +121,9 @@ class _Inputs:
         return base, vectors
 
     def raw(self, start: int, stop: int, dare: Optional["_Dare"]):
-        """Kernel arguments of :mod:`fused` for one chunk: base and expert slices, the DARE draw."""
-        uniform = dare.draw(stop - start) if dare is not None and dare.drop_rate > 0 else None
-        return self.base[start:stop], [e[start:stop] for e in self.experts], uniform
+        """Kernel arguments of :mod:`fused` for one chunk: base and expert slices, the DARE keys."""
+        keys = dare.kernel_keys(start) if dare is not None and dare.drop_rate > 0 else None
+        return self.base[start:stop], [e[start:stop] for e in self.experts], keys
 
     def task_vector_at(self, index: int, positions: torch.Tensor) -> torch.Tensor:
         """Weighted τ of expert ``index`` at flat ``positions`` (compute dtype)."""
@@ -132,102 +131,44 @@ class _Inputs:
         return (self.experts[index][positions].to(self.dtype) - base) * self.weights[index]
 
 
-_draw_pool: Optional[ThreadPoolExecutor] = None
-
-
-def _fill_uniform(rows: torch.Tensor, generators: Sequence[torch.Generator]) -> None:
-    """``rows[i].uniform_(generator=generators[i])`` for every expert. torch's CPU generator is
-    serial (≈2 ns per draw), and it was most of DARE's cost; the experts' generators are
-    independent, so with more than one torch thread they draw in parallel threads (the GIL is
-    released inside the op). Same numbers either way: each stream is drawn by one thread, in order."""
-    global _draw_pool
-    workers = min(len(generators), torch.get_num_threads())
-    if workers <= 1:
-        for row, generator in zip(rows, generators):
-            row.uniform_(generator=generator)
-        return
-    if _draw_pool is None or _draw_pool._max_workers < workers:
-        _draw_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergekit-mllm-dare")
-    list(_draw_pool.map(lambda index: rows[index].uniform_(generator=generators[index]), range(len(generators))))
-
-
 class _Dare:
-    """Per-expert Bernoulli keep-masks drawn in chunk order from the dense kernel's generators.
+    """Per-expert Bernoulli keep-masks of one tensor, computed from the entries' flat positions
+    (:mod:`mergekit_mllm.ops.counter_rng`): the same mask in every pass, for any chunking, and at
+    any subset of positions, with nothing drawn in order, stored or replayed."""
 
-    With ``cache`` (the eager DARE+TIES reads the tensor two or three times) the first
-    complete pass records the keep-masks (one bool per entry and expert) and later passes replay
-    them instead of drawing again from torch's serial CPU generator, which dominated their cost.
-    Replayed masks are the drawn ones, so results are bit-identical either way.
-    """
-
-    def __init__(self, inputs: _Inputs, drop_rate: float, seed: int, tensor_name: Optional[str],
-                 cache: bool = False):
+    def __init__(self, inputs: _Inputs, drop_rate: float, seed: int, tensor_name: Optional[str]):
         self.drop_rate = drop_rate
-        self.seed = seed
-        self.tensor_name = tensor_name
         self.inputs = inputs
-        self._uniform = torch.empty(inputs.chunk, dtype=torch.float32)
-        self._uniform_rows: Optional[torch.Tensor] = None
-        self._keep: Optional[torch.Tensor] = (
-            torch.empty((inputs.count, inputs.n), dtype=torch.bool) if cache and drop_rate > 0 else None)
-        self._recorded = False  # _keep holds a whole pass
-        self._position = 0
-        self.generators: List[torch.Generator] = []  # (re)created by restart(), which starts every pass
+        self.keys = [counter_rng.expert_key(seed, tensor_name, i) for i in range(inputs.count)]
 
-    def restart(self) -> None:
-        if self._keep is not None and self._position == self.inputs.n:
-            self._recorded = True
-        self._position = 0
-        if not self._recorded:
-            self.generators = [_dare_generator(self.seed, self.tensor_name, i) for i in range(self.inputs.count)]
-
-    def _advance(self, size: int) -> slice:
-        span = slice(self._position, self._position + size)
-        self._position += size
-        return span
-
-    def apply(self, vectors: torch.Tensor) -> None:
-        """Drop-and-rescale ``vectors`` (the next chunk) in place."""
+    def apply(self, vectors: torch.Tensor, start: int) -> None:
+        """Drop-and-rescale ``vectors`` (the chunk at flat position ``start``) in place."""
         if self.drop_rate == 0.0:
             return
-        size = vectors.shape[1]
-        span = self._advance(size)
-        uniform = self._uniform[:size]
-        for index in range(self.inputs.count):
-            if self._recorded:
-                keep = self._keep[index, span]
-            else:
-                uniform.uniform_(generator=self.generators[index])
-                keep = uniform >= self.drop_rate
-                if self._keep is not None:
-                    self._keep[index, span] = keep
-            vectors[index].mul_(keep.to(device=vectors.device)).div_(1.0 - self.drop_rate)
+        stop = start + vectors.shape[1]
+        for index, key in enumerate(self.keys):
+            keep = counter_rng.uniform_span(key, start, stop, vectors.device) >= self.drop_rate
+            vectors[index].mul_(keep).div_(1.0 - self.drop_rate)
 
-    def draw(self, size: int) -> torch.Tensor:
-        """The next chunk's uniforms of every expert, N×size (the fused kernels drop with them;
-        a replayed mask is passed as 1.0 = keep / 0.0 = drop, which the kernels read the same)."""
-        if self._uniform_rows is None:
-            self._uniform_rows = torch.empty((self.inputs.count, self.inputs.chunk), dtype=torch.float32)
-        rows = self._uniform_rows[:, :size]
-        span = self._advance(size)
-        if self._recorded:
-            rows.copy_(self._keep[:, span])
-            return rows
-        _fill_uniform(rows, self.generators)
-        if self._keep is not None:
-            torch.ge(rows, self.drop_rate, out=self._keep[:, span])
-        return rows
+    def keep_at(self, index: int, positions: torch.Tensor) -> torch.Tensor:
+        """Expert ``index``'s keep-mask at flat ``positions``."""
+        return counter_rng.uniform_at(self.keys[index], positions) >= self.drop_rate
+
+    def kernel_keys(self, start: int):
+        """The fused kernels' DARE arguments for the chunk at ``start``: (lo of ``start`` as a 0-d
+        int32 tensor, k1 and k2 per expert as int32 tensors)."""
+        k1, k2, lo = counter_rng.span_keys(self.keys, start)
+        device = self.inputs.base.device
+        as_int32 = dict(dtype=torch.int32, device=device)
+        return torch.tensor(lo, **as_int32), torch.tensor(k1, **as_int32), torch.tensor(k2, **as_int32)
 
 
 def _chunks(inputs: _Inputs, dare: Optional[_Dare], check: bool = True):
-    """(start, stop, base chunk, task-vector chunk) over the whole tensor, DARE applied when given
-    (its generators restarted, so every pass sees the same masks)."""
-    if dare is not None:
-        dare.restart()
+    """(start, stop, base chunk, task-vector chunk) over the whole tensor, DARE applied when given."""
     for start, stop in inputs.spans():
         base, vectors = inputs.load(start, stop, check=check)
         if dare is not None:
-            dare.apply(vectors)
+            dare.apply(vectors, start)
         yield start, stop, base, vectors
 
 
@@ -250,11 +191,9 @@ class _Fused:
         self.scale = torch.tensor(scale, **f32)
 
     def chunks(self):
-        if self.dare is not None:
-            self.dare.restart()
         for start, stop in self.inputs.spans():
-            base, experts, uniform = self.inputs.raw(start, stop, self.dare)
-            yield start, stop, (base, experts, self.weights, uniform, self.drop, self.keep_divisor)
+            base, experts, keys = self.inputs.raw(start, stop, self.dare)
+            yield start, stop, (base, experts, self.weights, keys, self.drop, self.keep_divisor)
 
     def call(self, name: str, *args):
         try:
@@ -371,11 +310,8 @@ def _bracket(inputs: _Inputs, rank: int, dare: Optional[_Dare]):
     lows, highs, estimates = [], [], []
     for index in range(inputs.count):
         sample = ((inputs.experts[index][positions].to(inputs.dtype) - base) * inputs.weights[index]).abs_()
-        if dare is not None and dare.drop_rate > 0:
-            # dropped with an independent draw of the same rate: the bracket only has to contain
-            # the true value, counting makes it exact
-            keep = torch.rand(sample.shape, generator=generator) >= dare.drop_rate
-            sample = sample * keep.to(device) / (1.0 - dare.drop_rate)
+        if dare is not None and dare.drop_rate > 0:  # the entries' own DARE masks
+            sample = sample * dare.keep_at(index, positions) / (1.0 - dare.drop_rate)
         lows.append(sample.kthvalue(min(lo, m - 1) + 1).values if lo >= 0 else sample.new_tensor(-1.0))
         highs.append(sample.kthvalue(max(hi, 0) + 1).values if hi < m else sample.new_tensor(math.inf))
         estimates.append(sample.kthvalue(middle + 1).values)
@@ -497,13 +433,10 @@ def _ties_eager(inputs: _Inputs, out: torch.Tensor, scale: float, name: str, den
 
 def _fix_positive_majority(inputs, out, scale, positions, threshold, keep_all, dare) -> None:
     """Recompute entries whose sum was zero: with a positive majority they average the positive entries."""
-    if dare is None:
-        trimmed = torch.stack([inputs.task_vector_at(index, positions) for index in range(inputs.count)])
-    else:  # the DARE draw is sequential: replay it and pick the positions out of each chunk
-        trimmed = torch.cat([
-            vectors[:, positions[(positions >= start) & (positions < stop)] - start]
-            for start, stop, _, vectors in _chunks(inputs, dare, check=False)
-        ], dim=1)
+    trimmed = torch.stack([inputs.task_vector_at(index, positions) for index in range(inputs.count)])
+    if dare is not None and dare.drop_rate > 0:
+        for index in range(inputs.count):
+            trimmed[index].mul_(dare.keep_at(index, positions)).div_(1.0 - dare.drop_rate)
     base = inputs.base[positions].to(inputs.dtype)
     out[positions] = _positive_majority_entries(base, trimmed, threshold, keep_all, scale).to(out.dtype)
 
@@ -548,7 +481,6 @@ def _ties_fused_pass(inputs, out, scale, name, rank, keep_all, low, high, exclud
     counts = torch.zeros(2 * inputs.count, dtype=torch.int64, device=device)
     flagged = _Growable(4096, torch.int64, device)
     flags = _Growable(4096, torch.uint8, device)
-    keeps: List[torch.Tensor] = []  # DARE: the keep-masks at the flagged entries (N×F bool)
     for start, stop, args in kernel.chunks():
         result, signs, flags_here, counts_here, finite_inputs, finite_result = kernel.call(
             "ties", *args, estimate.view(-1), low_positive.view(-1), high.view(-1), excluded.view(-1),
@@ -562,13 +494,9 @@ def _ties_fused_pass(inputs, out, scale, name, rank, keep_all, low, high, exclud
         if here.numel():
             flagged.extend(here + start)
             flags.extend(flags_here[here])
-            if kernel.dare is not None:
-                keeps.append(args[3][:, here] >= kernel.dare.drop_rate)
         out[start:stop].copy_(result)
 
     positions, flag_values = flagged.values(), flags.values()
-    keep = torch.cat(keeps, dim=1) if keeps else None
-    del keeps
 
     def at_flagged(select):
         """(flat positions, base, weighted (DARE-dropped) task vectors N×k) at the flagged entries
@@ -579,8 +507,9 @@ def _ties_fused_pass(inputs, out, scale, name, rank, keep_all, low, high, exclud
         base_at = inputs.base[where].to(inputs.dtype)
         vectors = torch.stack([(expert[where].to(inputs.dtype) - base_at) * weight
                                for expert, weight in zip(inputs.experts, inputs.weights)])
-        if keep is not None:
-            vectors.mul_(keep[:, select]).div_(1.0 - kernel.dare.drop_rate)
+        if kernel.dare is not None:
+            for index in range(inputs.count):
+                vectors[index].mul_(kernel.dare.keep_at(index, where)).div_(1.0 - kernel.dare.drop_rate)
         return where, base_at, vectors
 
     def blocks(count: int):
@@ -679,8 +608,7 @@ def merge(method: str, base: torch.Tensor, experts: Sequence[torch.Tensor], weig
     inputs = _Inputs(base, experts, weights, dtype, chunk)
     out = torch.empty(inputs.n, dtype=base.dtype, device=base.device)
     # the eager DARE+TIES reads the tensor several times: it records its masks (the fused one reads it once)
-    dare = (_Dare(inputs, drop_rate, seed, tensor_name, cache=method == "dare_ties_merging" and not inputs.fused)
-            if method.startswith("dare_") else None)
+    dare = _Dare(inputs, drop_rate, seed, tensor_name) if method.startswith("dare_") else None
     if method == "weight_average":
         weight_average(inputs, out, scale, name)
     elif method == "dare_task_arithmetic":
