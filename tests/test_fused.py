@@ -41,7 +41,7 @@ def test_fused_equals_dense(compiled, method, params, dtype, chunk):
     got = streaming.merge(method, base, experts, weights, scale=0.7, dtype=torch.float32, tensor_name=NAME,
                           chunk=chunk, **params)
     assert fused._failed is None
-    assert compiled and set(compiled) <= {"sum", "ties"}
+    assert compiled and set(compiled) <= {"sum", "ties", "gather"}
     if "ties" in method:  # one pass: one kernel call per chunk
         assert compiled.count("ties") == -(-base.numel() // (chunk or base.numel()))
     torch.testing.assert_close(got, dense(method, base, experts, weights, 0.7, **params), rtol=0, atol=0)
@@ -258,3 +258,27 @@ def test_fused_dare_masks_do_not_depend_on_the_chunking(compiled, method):
                               tensor_name=NAME, chunk=chunk, **params)
         assert len(compiled) > before
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["dare_task_arithmetic", "dare_ties_merging"])
+def test_dare_counters_split_inside_a_tensor(compiled, monkeypatch, method):
+    """Tensors past 2³¹ entries split DARE's counters (hi, lo); with the split moved to 1024 (for
+    the dense oracle too) a 6300-entry tensor crosses it six times: chunks stop at the split, the
+    kernels fold hi into the key, and the TIES fix-up takes its eager gather; all equal dense."""
+    from mergekit_mllm.ops import counter_rng
+
+    monkeypatch.setattr(counter_rng, "SPLIT", 1024)
+    monkeypatch.setattr(counter_rng, "_LO_MASK", 1023)
+    monkeypatch.setattr(streaming, "SAMPLE_SIZE", 300)  # a wrong estimate: the fix-up runs
+    monkeypatch.setattr(streaming, "BRACKET", 0.08)
+    gathered = []
+    original = streaming._Inputs.spans
+    monkeypatch.setattr(streaming._Inputs, "spans", lambda self: gathered.extend(original(self)) or original(self))
+    base, experts = inputs((90, 70), 4, torch.bfloat16, seed=11)
+    params = {"drop_rate": 0.3, "seed": 1, **({"density": 0.2} if "ties" in method else {})}
+    got = streaming.merge(method, base, experts, [1.0, 0.5, -0.7, 1.3], scale=0.8, dtype=torch.float32,
+                          tensor_name=NAME, chunk=500, **params)
+    assert (1000, 1024) in gathered and (1024, 1524) in gathered
+    assert "gather" not in compiled  # above the split the fix-up gathers eagerly
+    torch.testing.assert_close(got, dense(method, base, experts, [1.0, 0.5, -0.7, 1.3], 0.8, **params),
+                               rtol=0, atol=0)

@@ -153,7 +153,23 @@ def _ties_kernel(base, experts, weights, dare_keys, drop, keep_divisor, threshol
     return result, torch.sign(total).sum(), flags, torch.stack(counts), finite, torch.isfinite(result).all()
 
 
-_SOURCES = {"sum": _sum_kernel, "ties": _ties_kernel}
+def _gather_kernel(base, experts, weights, positions, dare_keys, drop, keep_divisor):
+    """The fix-up's inputs at flat ``positions`` (int64, below 2³¹ with DARE): (float32 base, N×F
+    weighted (DARE-dropped) τ), the same float32 operations as ``_task_vectors`` in one loop
+    (eagerly, the gathers, conversions and the masks' integer hash were ~20 passes per block)."""
+    b = base[positions].to(torch.float32)
+    vectors = []
+    for index, expert in enumerate(experts):
+        tv = (expert[positions].to(torch.float32) - b) * weights[index]
+        if dare_keys is not None:
+            _, k1, k2 = dare_keys
+            keep = counter_rng.uniform(positions.to(torch.int32), k1[index], k2[index]) >= drop
+            tv = tv * keep / keep_divisor
+        vectors.append(tv)
+    return b, torch.stack(vectors)
+
+
+_SOURCES = {"sum": _sum_kernel, "ties": _ties_kernel, "gather": _gather_kernel}
 
 #: Graph variants allowed per kernel. Each number of experts, input dtype and DARE on/off is one
 #: variant (shapes are dynamic); dynamo's default limit of 8 per function was reached in one

@@ -504,12 +504,16 @@ def _ties_fused_pass(inputs, out, scale, name, rank, keep_all, low, high, exclud
         needed (usually the estimates are exact and nothing is), in blocks of FIX_BLOCK entries so
         that the fix-up holds a few MiB, not a copy of the tensor."""
         where = positions[select]
+        if kernel.dare is None or inputs.n <= counter_rng.SPLIT:  # one fused gather
+            keys = kernel.dare.kernel_keys(0) if kernel.dare is not None else None
+            base_at, vectors = kernel.call("gather", inputs.base, inputs.experts, kernel.weights, where, keys,
+                                           kernel.drop, kernel.keep_divisor)
+            return where, base_at, vectors
         base_at = inputs.base[where].to(inputs.dtype)
         vectors = torch.stack([(expert[where].to(inputs.dtype) - base_at) * weight
                                for expert, weight in zip(inputs.experts, inputs.weights)])
-        if kernel.dare is not None:
-            for index in range(inputs.count):
-                vectors[index].mul_(kernel.dare.keep_at(index, where)).div_(1.0 - kernel.dare.drop_rate)
+        for index in range(inputs.count):
+            vectors[index].mul_(kernel.dare.keep_at(index, where)).div_(1.0 - kernel.dare.drop_rate)
         return where, base_at, vectors
 
     def blocks(count: int):
@@ -607,7 +611,6 @@ def merge(method: str, base: torch.Tensor, experts: Sequence[torch.Tensor], weig
     """
     inputs = _Inputs(base, experts, weights, dtype, chunk)
     out = torch.empty(inputs.n, dtype=base.dtype, device=base.device)
-    # the eager DARE+TIES reads the tensor several times: it records its masks (the fused one reads it once)
     dare = _Dare(inputs, drop_rate, seed, tensor_name) if method.startswith("dare_") else None
     if method == "weight_average":
         weight_average(inputs, out, scale, name)
