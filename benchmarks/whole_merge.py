@@ -292,6 +292,27 @@ def merge_once(run: MergeRun, family: Dict[str, Any], workdir: Path, device: tor
     return result
 
 
+def warm_up(runs: Sequence[MergeRun], families: Dict[str, Dict[str, Any]], workdir: Path, device: torch.device,
+            log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+    """One untimed merge per element-wise method and checkpoint before the timed ones: the fused
+    kernels compile on a machine's first use of each variant (≈13 s for TIES's; inductor caches
+    them on disk), and a timed run must pay only what every later merge pays (loading them)."""
+    done = []
+    if device.type != "cpu":
+        return done
+    seen = set()
+    for merge_run in runs:
+        key = (merge_run.method, merge_run.checkpoint.name)
+        if merge_run.method not in ELEMENTWISE or key in seen:
+            continue
+        seen.add(key)
+        with log_progress(f"warm-up (untimed) {merge_run.checkpoint.name}: {merge_run.method}", log):
+            result = merge_once(merge_run, families[merge_run.checkpoint.name], workdir, device)
+        done.append({"method": merge_run.method, "checkpoint": merge_run.checkpoint.name,
+                     "seconds": result["seconds"], "returncode": result["returncode"]})
+    return done
+
+
 def run(
     device: torch.device,
     *,
@@ -323,6 +344,7 @@ def run(
             }
         data["checkpoints"] = checkpoints
         data["interpreter"] = interpreter_rss(workdir)
+        data["warm_up"] = warm_up(runs, families, workdir, device, log)
         data["runs"] = []
         for merge_run in runs:
             with log_progress(f"merge {merge_run.checkpoint.name}: {merge_run.label}", log):

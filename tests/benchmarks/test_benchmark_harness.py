@@ -152,3 +152,18 @@ def test_closed_form_scores_pair_each_closed_form_with_its_iterative_method():
     assert "| optmerge full (Adam, 300 steps) − optmerge_exact full | +0.00, -0.50, -1.00 | -0.50 | 0.50 | no |" in text
     # iterative rows are not compared with themselves
     assert sum(line.startswith("| ") and " − " in line for line in text.splitlines()) == 3
+
+
+def test_whole_merge_warms_each_fused_method_once_before_timing(monkeypatch, tmp_path):
+    """Every element-wise method merges once untimed per checkpoint (its kernels compile there),
+    other methods and GPU runs do not."""
+    merged = []
+    monkeypatch.setattr(whole_merge, "merge_once",
+                        lambda run, family, workdir, device: merged.append((run.method, run.checkpoint.name))
+                        or {"seconds": 1.0, "returncode": 0})
+    runs = whole_merge.default_runs(quick=True) + whole_merge.wide_runs()
+    families = {run.checkpoint.name: {} for run in runs}
+    done = whole_merge.warm_up(runs, families, tmp_path, torch.device("cpu"), log=lambda _: None)
+    expected = {(m, c) for m in whole_merge.ELEMENTWISE for c in {r.checkpoint.name for r in runs}}
+    assert sorted(merged) == sorted(expected) and len(done) == len(expected)
+    assert whole_merge.warm_up(runs, families, tmp_path, torch.device("meta"), log=lambda _: None) == []
