@@ -13,7 +13,7 @@ depends only on (seed, tensor name, expert index) and the flat position ``i`` of
 
 This replaced drawing the masks in order from torch's CPU Mersenne Twister (≈ 2 ns per draw,
 serial; half of DARE+TIES's time on a 7B matrix). The hash is a few integer operations that
-inductor vectorises inside the fused kernels (≈ 0.3 ns per entry and expert, no uniforms written
+inductor vectorises inside the fused kernels (≈ 0.6 ns per entry and expert, no uniforms written
 to or read from memory), gives the same bits eagerly, compiled, on the CPU and on a GPU, and needs
 no replay: the TIES threshold sample and the fix-up after a fused pass compute the masks at just
 the positions they need. ``tests/test_counter_rng.py`` checks it against a NumPy ``uint32``
