@@ -167,3 +167,32 @@ def test_whole_merge_warms_each_fused_method_once_before_timing(monkeypatch, tmp
     expected = {(m, c) for m in whole_merge.ELEMENTWISE for c in {r.checkpoint.name for r in runs}}
     assert sorted(merged) == sorted(expected) and len(done) == len(expected)
     assert whole_merge.warm_up(runs, families, tmp_path, torch.device("meta"), log=lambda _: None) == []
+
+
+def test_a_timed_merge_that_compiled_is_measured_again(monkeypatch, tmp_path):
+    """A timed run whose process grew inductor's cache (it compiled) is repeated, and the
+    compiling run is kept only as a record."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "ab").mkdir(parents=True)
+    assert whole_merge.inductor_cache_entries() == 0
+    calls = []
+
+    def child(command, log_path):
+        calls.append(command)
+        if len(calls) == 1:  # the first process compiles: a new cache file
+            (tmp_path / "cache" / "ab" / "graph").write_text("x")
+        return {"seconds": 10.0 * len(calls), "peak_anon_bytes": 2 * GIB, "peak_rss_bytes": 3 * GIB, "returncode": 0}
+
+    monkeypatch.setattr(whole_merge, "run_child", child)
+    monkeypatch.setattr(whole_merge, "build_family", lambda spec, root: {"base": tmp_path, "experts": [tmp_path]})
+    monkeypatch.setattr(whole_merge, "largest_tensor_bytes", lambda directory: ("w", 1000))
+    monkeypatch.setattr(whole_merge, "checkpoint_bytes", lambda directory: 0)
+    monkeypatch.setattr(whole_merge, "interpreter_rss", lambda log_dir: {})
+    monkeypatch.setattr(whole_merge, "save_json", lambda name, data: None)
+    monkeypatch.setattr(whole_merge, "write_recipe", lambda path, recipe: path)
+    monkeypatch.setattr(whole_merge, "recipe_for", lambda *args, **kwargs: {})
+    run = whole_merge.MergeRun("task_arithmetic", whole_merge.QUICK, {"weight": 1.0})
+    data = whole_merge.run(torch.device("cpu"), workdir=tmp_path, runs=[run], log=lambda _: None)
+    (result,) = data["runs"]
+    assert len(calls) == 2 and result["seconds"] == 20.0 and not result["compiled"]
+    assert result["discarded_compiling_run"]["seconds"] == 10.0
