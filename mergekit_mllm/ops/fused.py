@@ -158,13 +158,14 @@ def _gather_kernel(base, experts, weights, positions, dare_keys, drop, keep_divi
     weighted (DARE-dropped) τ), the same float32 operations as ``_task_vectors`` in one loop
     (eagerly, the gathers, conversions and the masks' integer hash were ~20 passes per block)."""
     b = base[positions].to(torch.float32)
+    if dare_keys is not None:
+        _, k1, k2 = dare_keys
+        counters = positions.to(torch.int32)
     vectors = []
     for index, expert in enumerate(experts):
         tv = (expert[positions].to(torch.float32) - b) * weights[index]
         if dare_keys is not None:
-            _, k1, k2 = dare_keys
-            keep = counter_rng.uniform(positions.to(torch.int32), k1[index], k2[index]) >= drop
-            tv = tv * keep / keep_divisor
+            tv = tv * (counter_rng.uniform(counters, k1[index], k2[index]) >= drop) / keep_divisor
         vectors.append(tv)
     return b, torch.stack(vectors)
 

@@ -125,10 +125,16 @@ class _Inputs:
         keys = dare.kernel_keys(start) if dare is not None and dare.drop_rate > 0 else None
         return self.base[start:stop], [e[start:stop] for e in self.experts], keys
 
-    def task_vector_at(self, index: int, positions: torch.Tensor) -> torch.Tensor:
-        """Weighted τ of expert ``index`` at flat ``positions`` (compute dtype)."""
+    def vectors_at(self, positions: torch.Tensor, dare: Optional["_Dare"] = None):
+        """(base, weighted (DARE-dropped) τ N×k) at flat ``positions``, in the compute dtype: the
+        same float32 operations as :meth:`load` and :meth:`_Dare.apply` on a chunk."""
         base = self.base[positions].to(self.dtype)
-        return (self.experts[index][positions].to(self.dtype) - base) * self.weights[index]
+        vectors = torch.stack([(expert[positions].to(self.dtype) - base) * weight
+                               for expert, weight in zip(self.experts, self.weights)])
+        if dare is not None and dare.drop_rate > 0:
+            for index in range(self.count):
+                vectors[index].mul_(dare.keep_at(index, positions)).div_(1.0 - dare.drop_rate)
+        return base, vectors
 
 
 class _Dare:
@@ -299,7 +305,7 @@ def _bracket(inputs: _Inputs, rank: int, dare: Optional[_Dare]):
     device = inputs.base.device
     generator = torch.Generator().manual_seed(0)  # deterministic
     positions = _sample_positions(n, _sample_size(n), generator).to(device)
-    base = inputs.base[positions].to(inputs.dtype)
+    _, vectors = inputs.vectors_at(positions, dare)  # with the entries' own DARE masks
     m = positions.numel()
     quantile = rank / n
     # kthvalue is 1-based: the j-th smallest (0-based) is kthvalue(j + 1)
@@ -309,9 +315,7 @@ def _bracket(inputs: _Inputs, rank: int, dare: Optional[_Dare]):
     middle = min(m - 1, max(0, round(quantile * m) - 1))
     lows, highs, estimates = [], [], []
     for index in range(inputs.count):
-        sample = ((inputs.experts[index][positions].to(inputs.dtype) - base) * inputs.weights[index]).abs_()
-        if dare is not None and dare.drop_rate > 0:  # the entries' own DARE masks
-            sample = sample * dare.keep_at(index, positions) / (1.0 - dare.drop_rate)
+        sample = vectors[index].abs()
         lows.append(sample.kthvalue(min(lo, m - 1) + 1).values if lo >= 0 else sample.new_tensor(-1.0))
         highs.append(sample.kthvalue(max(hi, 0) + 1).values if hi < m else sample.new_tensor(math.inf))
         estimates.append(sample.kthvalue(middle + 1).values)
@@ -433,11 +437,7 @@ def _ties_eager(inputs: _Inputs, out: torch.Tensor, scale: float, name: str, den
 
 def _fix_positive_majority(inputs, out, scale, positions, threshold, keep_all, dare) -> None:
     """Recompute entries whose sum was zero: with a positive majority they average the positive entries."""
-    trimmed = torch.stack([inputs.task_vector_at(index, positions) for index in range(inputs.count)])
-    if dare is not None and dare.drop_rate > 0:
-        for index in range(inputs.count):
-            trimmed[index].mul_(dare.keep_at(index, positions)).div_(1.0 - dare.drop_rate)
-    base = inputs.base[positions].to(inputs.dtype)
+    base, trimmed = inputs.vectors_at(positions, dare)
     out[positions] = _positive_majority_entries(base, trimmed, threshold, keep_all, scale).to(out.dtype)
 
 
@@ -509,12 +509,7 @@ def _ties_fused_pass(inputs, out, scale, name, rank, keep_all, low, high, exclud
             base_at, vectors = kernel.call("gather", inputs.base, inputs.experts, kernel.weights, where, keys,
                                            kernel.drop, kernel.keep_divisor)
             return where, base_at, vectors
-        base_at = inputs.base[where].to(inputs.dtype)
-        vectors = torch.stack([(expert[where].to(inputs.dtype) - base_at) * weight
-                               for expert, weight in zip(inputs.experts, inputs.weights)])
-        for index in range(inputs.count):
-            vectors[index].mul_(kernel.dare.keep_at(index, where)).div_(1.0 - kernel.dare.drop_rate)
-        return where, base_at, vectors
+        return (where, *inputs.vectors_at(where, kernel.dare))
 
     def blocks(count: int):
         for begin in range(0, count, FIX_BLOCK):
