@@ -25,6 +25,28 @@ def compiled(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def retrimmed(compiled, monkeypatch):
+    """Per call of the TIES fix-up's ``retrim`` kernel: (entries redone, entries whose trimmed sum
+    now cancels to 0)."""
+    records = []
+    inner = fused.kernel
+
+    def kernel(name):
+        function = inner(name)
+        if name != "retrim":
+            return function
+
+        def spy(*args):
+            result = function(*args)
+            records.append((args[3].numel(), int(result[2].sum())))
+            return result
+        return spy
+
+    monkeypatch.setattr(fused, "kernel", kernel)
+    return records
+
+
 CASES = [
     ("weight_average", {}, torch.bfloat16, 37),
     ("ties_merging", {"density": 0.2}, torch.bfloat16, 1000),
@@ -84,24 +106,64 @@ def test_fused_non_finite_input_is_named(compiled, bad):
     ("dare_ties_merging", {"drop_rate": 0.3, "density": 0.2, "seed": 1}),
     ("dare_ties_merging", {"drop_rate": 0.5, "density": 0.3, "seed": 3}),
 ])
-def test_fused_ties_fixes_up_the_entries_a_sampled_threshold_trims_wrongly(compiled, monkeypatch, method, params):
+def test_fused_ties_fixes_up_the_entries_a_sampled_threshold_trims_wrongly(compiled, retrimmed, monkeypatch, method,
+                                                                          params):
     """The one-pass TIES trims with each expert's threshold estimated from a sample; a small sample
-    makes the estimate wrong, and the entries it trims differently must be recomputed (eagerly) with
-    the exact threshold, the global sign count corrected, and the result equal the dense kernel."""
+    makes the estimate wrong, and the entries it trims differently must be recomputed with the
+    exact threshold, the global sign count corrected, and the result equal the dense kernel."""
     monkeypatch.setattr(streaming, "SAMPLE_SIZE", 300)
     monkeypatch.setattr(streaming, "BRACKET", 0.08)
     monkeypatch.setattr(streaming, "FIX_BLOCK", 97)  # the fix-up runs in several blocks
-    recomputed = []
-    original = streaming._ties_entries
-    monkeypatch.setattr(streaming, "_ties_entries",
-                        lambda base, vectors, *rest: recomputed.append(vectors.shape[1]) or original(base, vectors, *rest))
     base, experts = inputs((90, 70), 4, torch.bfloat16, seed=11)
     weights = [1.0, 0.5, -0.7, 1.3]
     got = streaming.merge(method, base, experts, weights, scale=0.8, dtype=torch.float32, tensor_name=NAME,
                           chunk=500, **params)
     assert compiled.count("ties") == -(-base.numel() // 500)  # one pass, no repeat
-    assert len(recomputed) > 1 and 0 < sum(recomputed) < base.numel() // 10  # some entries, in several blocks
+    redone = sum(entries for entries, _ in retrimmed)
+    assert len(retrimmed) > 1 and 0 < redone < base.numel() // 4  # some entries, in several blocks
     torch.testing.assert_close(got, dense(method, base, experts, weights, 0.8, **params), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["ties_merging", "dare_ties_merging"])
+def test_fused_ties_finds_the_exact_threshold_in_each_sub_interval(compiled, retrimmed, monkeypatch, method):
+    """The pass counts at ``lower`` ≤ t̂ ≤ ``upper`` inside the sample's bracket and flags each
+    entry's sub-interval per expert; the exact threshold can lie in any of the four sub-intervals
+    ([low, lower), [lower, t̂), (t̂, upper], (upper, high]), and the fix-up redoes exactly the codes
+    between it and t̂ ((1, 2), (2, 2), (3, 3), (3, 4))."""
+    monkeypatch.setattr(streaming, "SAMPLE_SIZE", 300)
+    monkeypatch.setattr(streaming, "BRACKET", 0.1)
+    redone_codes = set()
+    original = streaming._flag_code_in
+    monkeypatch.setattr(streaming, "_flag_code_in", lambda words, index, first, last: redone_codes.add(
+        (first, last)) or original(words, index, first, last))
+    params = {"density": 0.3, **({"drop_rate": 0.3, "seed": 2} if method.startswith("dare") else {})}
+    weights = [1.0, 0.5, -0.7, 1.3]
+    for inner in (0.1, 0.9):  # the inner boundaries close to t̂, then close to the bracket's ends
+        monkeypatch.setattr(streaming, "INNER", inner)
+        for seed in range(3):
+            base, experts = inputs((90, 70), 4, torch.float32, seed=20 + seed)
+            got = streaming.merge(method, base, experts, weights, scale=0.8, dtype=torch.float32, tensor_name=NAME,
+                                  chunk=1000, **params)
+            torch.testing.assert_close(got, dense(method, base, experts, weights, 0.8, **params), rtol=0, atol=0)
+    assert redone_codes == {(1, 2), (2, 2), (3, 3), (3, 4)}
+    assert compiled.count("ties") == 6 * 7  # never a repeated pass
+
+
+def test_fused_ties_more_experts_than_one_flag_word(compiled, retrimmed, monkeypatch):
+    """Twelve experts: the flag codes span two int32 words (ten experts each) and the fix-up reads
+    the second word's codes too."""
+    monkeypatch.setattr(streaming, "SAMPLE_SIZE", 300)
+    monkeypatch.setattr(streaming, "BRACKET", 0.08)
+    experts_redone = set()
+    original = streaming._flag_code_in
+    monkeypatch.setattr(streaming, "_flag_code_in", lambda words, index, first, last: experts_redone.add(
+        index) or original(words, index, first, last))
+    base, experts = inputs((60, 50), 12, torch.float32, seed=5)
+    weights = [1.0 - 0.1 * i for i in range(12)]
+    got = streaming.merge("ties_merging", base, experts, weights, scale=0.5, dtype=torch.float32, chunk=700,
+                          density=0.2)
+    torch.testing.assert_close(got, dense("ties_merging", base, experts, weights, 0.5, density=0.2), rtol=0, atol=0)
+    assert any(index >= fused.EXPERTS_PER_WORD for index in experts_redone) and retrimmed
 
 
 @pytest.mark.parametrize("method", ["ties_merging", "dare_ties_merging"])
@@ -121,21 +183,12 @@ def test_fused_ties_bracket_miss_repeats_the_pass_with_exact_thresholds(compiled
 
 
 @pytest.mark.parametrize("majority", [1.0, -1.0])
-def test_fused_ties_fix_up_can_create_zero_sum_entries(compiled, monkeypatch, majority):
+def test_fused_ties_fix_up_can_create_zero_sum_entries(retrimmed, monkeypatch, majority):
     """Entries that cancel to 0 only under the exact threshold (the sampled estimate trimmed one
     side away) still take the global majority sign."""
     monkeypatch.setattr(streaming, "SAMPLE_SIZE", 64)
     monkeypatch.setattr(streaming, "BRACKET", 0.2)
     monkeypatch.setattr(streaming, "FIX_BLOCK", 50)
-    cancelling = []
-    original = streaming._ties_entries
-
-    def spy(base, vectors, *rest):
-        result, total, count = original(base, vectors, *rest)
-        cancelling.append(int(((total == 0) & (count > 0)).sum()))
-        return result, total, count
-
-    monkeypatch.setattr(streaming, "_ties_entries", spy)
     g = torch.Generator().manual_seed(0)
     n = 2000
     base = torch.zeros(n)
@@ -144,7 +197,7 @@ def test_fused_ties_fix_up_can_create_zero_sum_entries(compiled, monkeypatch, ma
     second[::10] = -first[::10]  # … and cancels `first` wherever `first` survives its trim
     got = streaming.merge("ties_merging", base, [first, second], [1.0, 1.0], scale=1.0, dtype=torch.float32,
                           chunk=256, density=0.5)
-    assert sum(cancelling) > 0  # recomputed entries that now cancel
+    assert sum(cancelling for _, cancelling in retrimmed) > 0  # recomputed entries that now cancel
     torch.testing.assert_close(got, dense("ties_merging", base, [first, second], [1.0, 1.0], 1.0, density=0.5),
                                rtol=0, atol=0)
 
@@ -183,14 +236,9 @@ def test_fused_ties_on_quantised_task_vectors_needs_no_fix_up(compiled, method):
     base = torch.randn(400, 600, generator=g).bfloat16()
     experts = [(base.float() + 1e-3 * torch.randn(400, 600, generator=g)).bfloat16() for _ in range(4)]
     params = {"density": 0.2, **({"drop_rate": 0.3, "seed": 5} if method.startswith("dare") else {})}
-    recomputed = []
-    original = streaming._ties_entries
-    streaming_entries = lambda base_, vectors, *rest: recomputed.append(vectors.shape[1]) or original(base_, vectors, *rest)
-    import unittest.mock
-    with unittest.mock.patch.object(streaming, "_ties_entries", streaming_entries):
-        got = streaming.merge(method, base, experts, [1.0] * 4, scale=1.0, dtype=torch.float32, tensor_name=NAME,
-                              **params)
-    assert compiled.count("ties") == 1 and recomputed == []
+    got = streaming.merge(method, base, experts, [1.0] * 4, scale=1.0, dtype=torch.float32, tensor_name=NAME,
+                          **params)
+    assert compiled.count("ties") == 1 and "retrim" not in compiled
     torch.testing.assert_close(got, dense(method, base, experts, [1.0] * 4, 1.0, **params), rtol=0, atol=0)
 
 

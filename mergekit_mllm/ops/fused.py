@@ -112,28 +112,56 @@ def _sum_kernel(base, experts, weights, dare_keys, drop, keep_divisor, scale, me
     return result.to(out_dtype), finite, torch.isfinite(result).all()
 
 
-def _ties_kernel(base, experts, weights, dare_keys, drop, keep_divisor, threshold, low, high, excluded, scale,
-                 out_dtype: torch.dtype):
-    """TIES on one chunk with the provisional per-expert trim ``threshold``, plus what makes it exact
-    afterwards: per expert the counts of |τᵢ| below and at most ``threshold``, and per entry a flag
-    byte: 1 = the trimmed sum cancels to 0 (its sign is the global majority's, decided after the
-    pass), 2 = some |τᵢ| inside its bracket [low, high] other than ``excluded`` (the entries a
-    different threshold inside the bracket could trim differently; ``excluded`` is a large tie
-    group at the threshold itself, which only the counts describe).
+#: Experts per int32 flag word of the TIES kernel (3 bits each, above the "undecided" bit 0).
+EXPERTS_PER_WORD = 10
+
+
+def _ties_kernel(base, experts, weights, dare_keys, drop, keep_divisor, threshold, low, high, excluded, lower, upper,
+                 scale, out_dtype: torch.dtype):
+    """TIES on one chunk with the provisional per-expert trim ``threshold`` (t̂), plus what makes it
+    exact afterwards.
+
+    Per expert, four counts: |τᵢ| < ``lower``, < t̂, ≤ t̂ and ≤ ``upper`` (``low`` ≤ ``lower`` ≤ t̂ ≤
+    ``upper`` ≤ ``high`` split the sample's bracket into four sub-intervals); they tell which
+    sub-interval holds the exact threshold. Per entry, flag words (int32, :data:`EXPERTS_PER_WORD`
+    experts each): bit 0 of the first word = the trimmed sum cancels to 0 (its sign is the global
+    majority's, decided after the pass); bits 1 + 3k … 3 + 3k = expert k's code: 0 outside the
+    bracket (or zero, or in a large tie group ``excluded`` at t̂ that only the counts describe),
+    1 in [low, lower), 2 in [lower, t̂), 3 in [t̂, upper], 4 in (upper, high]. The fix-up then
+    gathers only the entries in the sub-intervals between t̂ and each exact threshold.
 
     Every reduction is a float32 sum (exact for counts up to 2^24 entries per chunk): int64 and
     boolean accumulators made inductor split the kernel into four loops, twice as slow."""
     b, vectors, finite = _task_vectors(base, experts, weights, dare_keys, drop, keep_divisor)
     trimmed, counts = [], []
-    near = None
+    words = [None] * (-(-len(vectors) // EXPERTS_PER_WORD))
     for index, tv in enumerate(vectors):
         magnitude = tv.abs()
         keep = magnitude >= threshold[index]
+        above_lower = magnitude >= lower[index]
+        beyond_upper = magnitude > upper[index]
         trimmed.append(torch.where(keep, tv, 0.0))
+        counts.append((~above_lower).to(torch.float32).sum())
         counts.append((~keep).to(torch.float32).sum())
         counts.append((magnitude <= threshold[index]).to(torch.float32).sum())
+        counts.append((~beyond_upper).to(torch.float32).sum())
         inside = (magnitude >= low[index]) & (magnitude <= high[index]) & (magnitude != excluded[index])
-        near = inside if near is None else near | inside
+        code = inside.to(torch.int32) * (1 + above_lower.to(torch.int32) + keep.to(torch.int32)
+                                         + beyond_upper.to(torch.int32))
+        word, slot = divmod(index, EXPERTS_PER_WORD)
+        code = code * (2 ** (1 + 3 * slot))
+        words[word] = code if words[word] is None else words[word] + code
+    merged, total, count = _merge_trimmed(trimmed)
+    undecided = (total == 0) & (count > 0)  # non-empty entries whose trimmed sum cancels to 0
+    words[0] = words[0] + undecided.to(torch.int32)
+    result = (b + merged * scale).to(out_dtype)
+    return (result, torch.sign(total).sum(), tuple(words), torch.stack(counts), finite,
+            torch.isfinite(result).all())
+
+
+def _merge_trimmed(trimmed):
+    """TIES's sign election and disjoint mean of trimmed task vectors: (merged, trimmed sum, count
+    of agreeing entries). A zero sum elects "negative" provisionally (see ``_ties_kernel``)."""
     total = trimmed[0]
     for tv in trimmed[1:]:
         total = total + tv
@@ -146,17 +174,12 @@ def _ties_kernel(base, experts, weights, dare_keys, drop, keep_divisor, threshol
         count = agree if count is None else count + agree
         positive = aligned.clamp(min=0)
         kept = positive if kept is None else kept + positive
-    merged = (kept * sign) / count.clamp(min=1)
-    undecided = (total == 0) & (count > 0)  # non-empty entries whose trimmed sum cancels to 0
-    flags = undecided.to(torch.uint8) + near.to(torch.uint8) * 2
-    result = (b + merged * scale).to(out_dtype)
-    return result, torch.sign(total).sum(), flags, torch.stack(counts), finite, torch.isfinite(result).all()
+    return (kept * sign) / count.clamp(min=1), total, count
 
 
-def _gather_kernel(base, experts, weights, positions, dare_keys, drop, keep_divisor):
-    """The fix-up's inputs at flat ``positions`` (int64, below 2³¹ with DARE): (float32 base, N×F
-    weighted (DARE-dropped) τ), the same float32 operations as ``_task_vectors`` in one loop
-    (eagerly, the gathers, conversions and the masks' integer hash were ~20 passes per block)."""
+def _gathered(base, experts, weights, positions, dare_keys, drop, keep_divisor):
+    """(float32 base, [weighted (DARE-dropped) τᵢ]) at flat ``positions`` (int64, below 2³¹ with
+    DARE): the same float32 operations as ``_task_vectors``."""
     b = base[positions].to(torch.float32)
     if dare_keys is not None:
         _, k1, k2 = dare_keys
@@ -167,10 +190,37 @@ def _gather_kernel(base, experts, weights, positions, dare_keys, drop, keep_divi
         if dare_keys is not None:
             tv = tv * (counter_rng.uniform(counters, k1[index], k2[index]) >= drop) / keep_divisor
         vectors.append(tv)
+    return b, vectors
+
+
+def _gather_kernel(base, experts, weights, positions, dare_keys, drop, keep_divisor):
+    """The fix-up's inputs at flat ``positions``: (float32 base, N×F weighted (DARE-dropped) τ) in
+    one loop (eagerly, the gathers, conversions and the masks' integer hash were ~20 passes)."""
+    b, vectors = _gathered(base, experts, weights, positions, dare_keys, drop, keep_divisor)
     return b, torch.stack(vectors)
 
 
-_SOURCES = {"sum": _sum_kernel, "ties": _ties_kernel, "gather": _gather_kernel}
+def _retrim_kernel(base, experts, weights, positions, dare_keys, drop, keep_divisor, estimate, threshold, scale,
+                   out_dtype: torch.dtype):
+    """TIES at flat ``positions`` with the exact trim ``threshold`` instead of the pass's ``estimate``:
+    (result, Σ sign(new trimmed sum) − Σ sign(the pass's), new "sum cancels to 0" flags). The same
+    float32 operations as ``_ties_kernel`` per entry, so an entry that both trim alike gets the
+    pass's result bit for bit: the fix-up can rewrite every entry it gathered."""
+    b, vectors = _gathered(base, experts, weights, positions, dare_keys, drop, keep_divisor)
+    before = None
+    trimmed = []
+    for index, tv in enumerate(vectors):
+        magnitude = tv.abs()
+        old = torch.where(magnitude >= estimate[index], tv, 0.0)
+        before = old if before is None else before + old
+        trimmed.append(torch.where(magnitude >= threshold[index], tv, 0.0))
+    merged, total, count = _merge_trimmed(trimmed)
+    result = (b + merged * scale).to(out_dtype)
+    return (result, torch.sign(total).sum() - torch.sign(before).sum(), (total == 0) & (count > 0),
+            torch.isfinite(result).all())
+
+
+_SOURCES = {"sum": _sum_kernel, "ties": _ties_kernel, "gather": _gather_kernel, "retrim": _retrim_kernel}
 
 #: Graph variants allowed per kernel. Each number of experts, input dtype and DARE on/off is one
 #: variant (shapes are dynamic); dynamo's default limit of 8 per function was reached in one

@@ -45,7 +45,7 @@ fails).
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -64,6 +64,10 @@ SAMPLE_SIZE = 1 << 17
 SAMPLE_STRIDE = 32
 SAMPLE_MIN = 1 << 14
 BRACKET = 0.004
+#: The fused TIES pass also counts at ``lower``/``upper``, this fraction of the bracket's half-width
+#: from the estimate (≈ 1.2 standard errors: the exact threshold lies within in ≈ 77 % of cases,
+#: and then the fix-up gathers only the entries in that inner sub-interval).
+INNER = 1 / 3
 
 
 class NonFiniteInput(ValueError):
@@ -298,9 +302,11 @@ def _bracket_width(n: int) -> float:
 
 
 def _bracket(inputs: _Inputs, rank: int, dare: Optional[_Dare]):
-    """Per expert, from a random sample of |τᵢ|: (low, high, estimate), columns N×1. The exact
-    threshold (the ``rank``-th smallest |τᵢ|) lies in [low, high] unless the sample was unlucky
-    (≈ 3.6 standard errors); counting over the whole tensor decides, and makes it exact."""
+    """Per expert, from a random sample of |τᵢ|: (low, high, estimate, lower, upper), columns N×1.
+    The exact threshold (the ``rank``-th smallest |τᵢ|) lies in [low, high] unless the sample was
+    unlucky (≈ 3.6 standard errors); counting over the whole tensor decides, and makes it exact.
+    ``lower`` ≤ estimate ≤ ``upper`` are the sample quantiles :data:`INNER` of the way out to the
+    bracket's ends (the fused pass also counts there, to narrow the fix-up)."""
     n = inputs.n
     device = inputs.base.device
     generator = torch.Generator().manual_seed(0)  # deterministic
@@ -313,13 +319,18 @@ def _bracket(inputs: _Inputs, rank: int, dare: Optional[_Dare]):
     lo = math.floor((quantile - width) * m)
     hi = math.ceil((quantile + width) * m)
     middle = min(m - 1, max(0, round(quantile * m) - 1))
-    lows, highs, estimates = [], [], []
+    inner_lo = min(middle, max(0, math.floor((quantile - INNER * width) * m)))
+    inner_hi = max(middle, min(m - 1, math.ceil((quantile + INNER * width) * m)))
+    columns = [[] for _ in range(5)]
     for index in range(inputs.count):
         sample = vectors[index].abs()
-        lows.append(sample.kthvalue(min(lo, m - 1) + 1).values if lo >= 0 else sample.new_tensor(-1.0))
-        highs.append(sample.kthvalue(max(hi, 0) + 1).values if hi < m else sample.new_tensor(math.inf))
-        estimates.append(sample.kthvalue(middle + 1).values)
-    return torch.stack(lows).unsqueeze(1), torch.stack(highs).unsqueeze(1), torch.stack(estimates).unsqueeze(1)
+        ordered = sample.sort().values
+        columns[0].append(ordered[min(lo, m - 1)] if lo >= 0 else sample.new_tensor(-1.0))
+        columns[1].append(ordered[max(hi, 0)] if hi < m else sample.new_tensor(math.inf))
+        columns[2].append(ordered[middle])
+        columns[3].append(ordered[inner_lo])
+        columns[4].append(ordered[inner_hi])
+    return tuple(torch.stack(column).unsqueeze(1) for column in columns)
 
 
 def _thresholds(inputs: _Inputs, density: float, dare: Optional[_Dare]) -> List[Optional[torch.Tensor]]:
@@ -329,7 +340,7 @@ def _thresholds(inputs: _Inputs, density: float, dare: Optional[_Dare]) -> List[
     if rank <= 0:
         return [None] * inputs.count
     device = inputs.base.device
-    low, high, _ = _bracket(inputs, rank, dare)
+    low, high = _bracket(inputs, rank, dare)[:2]
 
     # Counts below / at the low end / at the high end, values strictly inside: checkpoint task
     # vectors are quantised (multiples of the base's bf16 ulp), so the ends are often large ties.
@@ -444,10 +455,11 @@ def _fix_positive_majority(inputs, out, scale, positions, threshold, keep_all, d
 def _ties_fused(inputs: _Inputs, out: torch.Tensor, scale: float, name: str, density: float,
                 dare: Optional[_Dare] = None) -> None:
     """TIES in one fused pass: trim with each expert's threshold estimated from a sample (``t̂``),
-    and in the same pass count the entries below and at most ``t̂`` and flag the entries that a
-    threshold elsewhere in the sample's bracket would trim differently. Afterwards the exact
-    thresholds follow from the counts (checkpoint task vectors are quantised, so the exact one is
-    usually ``t̂`` itself) or from the flagged entries, and the few entries that they trim
+    and in the same pass count the entries below and at most ``t̂`` (and at the inner boundaries
+    ``lower``/``upper`` of the sample's bracket) and flag, per expert, which sub-interval of the
+    bracket each entry's |τᵢ| lies in. Afterwards the exact thresholds follow from the counts
+    (checkpoint task vectors are quantised, so the exact one is often ``t̂`` itself) or from the
+    flagged entries of the sub-interval that holds each, and the few entries that they trim
     differently are recomputed eagerly (same float32 operations: bit-identical to the two-pass
     computation). A large tie group at ``t̂`` is not flagged (it would be most of the flagged
     entries); if a bracket missed (rare), the thresholds are found exactly and the pass repeated."""
@@ -455,137 +467,189 @@ def _ties_fused(inputs: _Inputs, out: torch.Tensor, scale: float, name: str, den
     rank = int(n * (1.0 - density))
     keep_all = [rank <= 0] * inputs.count
     if rank > 0:
-        low, high, estimate = _bracket(inputs, rank, dare)
+        low, high, estimate, lower, upper = _bracket(inputs, rank, dare)
         # the bracket's top in the tie group of t̂: the group is counted, not flagged
         excluded = torch.where((high == estimate) & (estimate > 0), estimate, -2.0)
+        bracket = _Bracket(estimate, low, high, excluded, lower, upper)
     else:  # keep everything: threshold 0, an empty bracket (nothing is flagged)
-        estimate = torch.zeros((inputs.count, 1), dtype=inputs.dtype, device=inputs.base.device)
-        low = high = excluded = estimate - 2
-    exact = _ties_fused_pass(inputs, out, scale, name, rank, keep_all, low, high, excluded, estimate, dare)
+        bracket = _Bracket.empty(torch.zeros((inputs.count, 1), dtype=inputs.dtype, device=inputs.base.device))
+    exact = _ties_fused_pass(inputs, out, scale, name, rank, keep_all, bracket, dare)
     if exact is not None:  # a bracket missed: the exact thresholds were computed; trim with them
-        empty = torch.full_like(exact, -2.0)
-        _ties_fused_pass(inputs, out, scale, name, rank, keep_all, empty, empty, empty, exact, dare, exact=True)
+        _ties_fused_pass(inputs, out, scale, name, rank, keep_all, _Bracket.empty(exact), dare, exact=True)
 
 
-def _ties_fused_pass(inputs, out, scale, name, rank, keep_all, low, high, excluded, estimate, dare,
+class _Bracket:
+    """Per-expert columns (N×1) of the fused TIES pass: the estimate t̂ and the sample's bracket
+    [low, high] around it, split at ``lower`` ≤ t̂ ≤ ``upper``, and ``excluded`` (a tie group at t̂
+    that is counted, not flagged; −2 for none). Zero entries (unchanged weights, DARE's drops:
+    often most of a tensor) contribute nothing whether trimmed or kept, so they are never flagged:
+    the bracket starts at the smallest positive float at the lowest."""
+
+    def __init__(self, estimate, low, high, excluded, lower, upper):
+        self.estimate = estimate
+        self.starts_at_zero = low <= 0  # then every entry below the bracket is a zero
+        self.low = low.clamp(min=_SMALLEST_POSITIVE)
+        self.high, self.excluded = high, excluded
+        self.lower = torch.minimum(torch.maximum(lower, self.low), estimate)
+        self.upper = torch.minimum(torch.maximum(upper, estimate), torch.maximum(high, estimate))
+
+    @classmethod
+    def empty(cls, estimate):
+        """No bracket: the estimates are exact (or keep everything); only zero sums are flagged."""
+        none = torch.full_like(estimate, -2.0)
+        return cls(estimate, none, none, none, none, none)
+
+    def arguments(self):
+        return tuple(column.view(-1) for column in (self.estimate, self.low, self.high, self.excluded, self.lower,
+                                                     self.upper))
+
+
+def _flag_code_in(words: List[torch.Tensor], index: int, first: int, last: int) -> torch.Tensor:
+    """Whether expert ``index``'s 3-bit sub-interval code (see :func:`fused._ties_kernel`) in the
+    flag ``words`` lies in ``first … last`` (the field is masked in place, not shifted out)."""
+    word, slot = divmod(index, fused.EXPERTS_PER_WORD)
+    shift = 1 + 3 * slot
+    field = torch.bitwise_and(words[word], 7 << shift)
+    return (field >= first << shift) & (field <= last << shift)
+
+
+def _ties_fused_pass(inputs, out, scale, name, rank, keep_all, bracket: _Bracket, dare,
                      exact: bool = False) -> Optional[torch.Tensor]:
-    """One fused pass with the trim thresholds ``estimate`` (N×1), then the fix-up to the exact
-    thresholds (``exact``: ``estimate`` is exact already). Returns None when done, or the exact
-    thresholds (N×1) when a bracket missed and the pass must be repeated with them."""
+    """One fused pass with the trim thresholds ``bracket.estimate`` (N×1), then the fix-up to the
+    exact thresholds (``exact``: the estimate is exact already). Returns None when done, or the
+    exact thresholds (N×1) when a bracket missed and the pass must be repeated with them."""
     kernel = _Fused(inputs, dare, scale)
     device = inputs.base.device
-    # Zero entries (unchanged weights, DARE's drops: often most of a tensor) contribute nothing
-    # whether trimmed or kept, so they are never flagged.
-    low_positive = low.clamp(min=_SMALLEST_POSITIVE)
+    estimate = bracket.estimate
+    arguments = bracket.arguments()
     sign_total = 0
-    counts = torch.zeros(2 * inputs.count, dtype=torch.int64, device=device)
-    flagged = _Growable(4096, torch.int64, device)
-    flags = _Growable(4096, torch.uint8, device)
+    counts = torch.zeros(4 * inputs.count, dtype=torch.int64, device=device)
+    # per chunk with flags: the flagged entries' flat positions and flag words
+    flagged: List[Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]] = []
     for start, stop, args in kernel.chunks():
-        result, signs, flags_here, counts_here, finite_inputs, finite_result = kernel.call(
-            "ties", *args, estimate.view(-1), low_positive.view(-1), high.view(-1), excluded.view(-1),
-            kernel.scale, out.dtype)
+        result, signs, words, counts_here, finite_inputs, finite_result = kernel.call(
+            "ties", *args, *arguments, kernel.scale, out.dtype)
         kernel.check_inputs(finite_inputs, start, stop)
         if not bool(finite_result):
             raise FloatingPointError(name)
         sign_total += int(signs)  # float32 sums of ±1 and of 0/1 over ≤ 2^24 entries: exact
         counts += counts_here.to(torch.int64)
-        here = flags_here.nonzero().squeeze(1)
+        any_flag = words[0] if len(words) == 1 else torch.stack(words).ne(0).any(dim=0)
+        here = any_flag.nonzero().squeeze(1)
         if here.numel():
-            flagged.extend(here + start)
-            flags.extend(flags_here[here])
+            flagged.append((here.add(start), tuple(word[here] for word in words)))
         out[start:stop].copy_(result)
+    counts = counts.view(inputs.count, 4)  # |τᵢ| < lower, < t̂, ≤ t̂, ≤ upper
 
-    positions, flag_values = flagged.values(), flags.values()
+    def select(keep) -> torch.Tensor:
+        """The flat positions of the flagged entries whose flag words pass ``keep`` (ascending)."""
+        return _concat([where[keep(words)] for where, words in flagged], torch.int64, device)
 
-    def at_flagged(select):
-        """(flat positions, base, weighted (DARE-dropped) task vectors N×k) at the flagged entries
-        ``select`` (a slice or indices into them), as the kernel computed them. Only gathered when
-        needed (usually the estimates are exact and nothing is), in blocks of FIX_BLOCK entries so
-        that the fix-up holds a few MiB, not a copy of the tensor."""
-        where = positions[select]
-        if kernel.dare is None or inputs.n <= counter_rng.SPLIT:  # one fused gather
+    def blocks(positions: torch.Tensor):
+        """``positions`` in blocks of FIX_BLOCK entries: the fix-up holds a few MiB, not a copy of the tensor."""
+        for begin in range(0, positions.numel(), FIX_BLOCK):
+            # a copy, not a view: a view's base size is a guard of the compiled kernels (recompiles)
+            yield positions[begin:begin + FIX_BLOCK].clone()
+
+    fused_gather = kernel.dare is None or inputs.n <= counter_rng.SPLIT  # else eager (counters past 2³¹)
+    gather_arguments = (inputs.base, inputs.experts, kernel.weights)
+
+    def vectors_at(where):
+        """(base, weighted (DARE-dropped) task vectors N×k) at flat positions ``where``, as the pass computed them."""
+        if fused_gather:
             keys = kernel.dare.kernel_keys(0) if kernel.dare is not None else None
-            base_at, vectors = kernel.call("gather", inputs.base, inputs.experts, kernel.weights, where, keys,
-                                           kernel.drop, kernel.keep_divisor)
-            return where, base_at, vectors
-        return (where, *inputs.vectors_at(where, kernel.dare))
+            return kernel.call("gather", *gather_arguments, where, keys, kernel.drop, kernel.keep_divisor)
+        return inputs.vectors_at(where, kernel.dare)
 
-    def blocks(count: int):
-        for begin in range(0, count, FIX_BLOCK):
-            yield slice(begin, min(count, begin + FIX_BLOCK))
-
+    # Per expert whose exact threshold is not the estimate: the code of the sub-interval holding
+    # it, and the codes of the entries it trims differently (those between it and t̂).
     thresholds: List[Optional[torch.Tensor]] = [None] * inputs.count
-    unresolved = []  # experts whose exact threshold is not the estimate
+    unresolved: Dict[int, Tuple[int, int, int]] = {}  # index -> (code, first and last code to redo)
     for index in range(inputs.count):
         if exact:
             thresholds[index] = estimate[index, 0]
         elif not keep_all[index]:
-            below, at_most = int(counts[2 * index]), int(counts[2 * index + 1])  # |τᵢ| < t̂, ≤ t̂
+            below_lower, below, at_most, at_most_upper = counts[index].tolist()
             if below < rank <= at_most:  # the usual case: the exact threshold is the estimate
                 thresholds[index] = estimate[index, 0]
-            else:
-                unresolved.append(index)
-    # Below t̂, every non-zero |τᵢ| in [low, t̂) is flagged; above it, (t̂, high] is, unless t̂'s
-    # tie group was excluded (then the bracket missed).
-    under_values = {index: [] for index in unresolved}
-    over_values = {index: [] for index in unresolved}
+            elif rank <= below:  # below t̂: in [low, lower) or [lower, t̂)
+                code = 1 if rank <= below_lower else 2
+                unresolved[index] = (code, code, 2)
+            else:  # above t̂: in (t̂, upper] or (upper, high]
+                code = 3 if rank <= at_most_upper else 4
+                unresolved[index] = (code, 3, code)
+    redo = torch.empty(0, dtype=torch.int64, device=device)
     if unresolved:
-        for select in blocks(positions.numel()):
-            magnitudes = at_flagged(select)[2].abs_()
-            for index in unresolved:
-                values, guess = magnitudes[index], estimate[index, 0]
-                under_values[index].append(values[(values >= low_positive[index, 0]) & (values < guess)])
-                over_values[index].append(values[(values > guess) & (values <= high[index, 0])])
+        def relevant(words):
+            mask = None
+            for index, (_, first, last) in unresolved.items():
+                inside = _flag_code_in(words, index, first, last)
+                mask = inside if mask is None else mask.logical_or_(inside)
+            return mask
+        redo = select(relevant)
+
+    # the exact thresholds: the sub-interval's values, ranked after the entries below it
+    ranges = {1: (bracket.low, bracket.lower, False), 2: (bracket.lower, estimate, False),
+              3: (estimate, bracket.upper, True), 4: (bracket.upper, bracket.high, True)}
+    values_in = {index: [] for index in unresolved}
+    for block in blocks(redo):
+        magnitudes = vectors_at(block)[1].abs_()
+        for index, (code, _, _) in unresolved.items():
+            start_at, end_at, open_start = ranges[code]
+            values = magnitudes[index]
+            first = values > start_at[index, 0] if open_start else values >= start_at[index, 0]
+            last = values <= end_at[index, 0] if open_start else values < end_at[index, 0]
+            values_in[index].append(values[first.logical_and_(last)])
     missed = []
-    for index in unresolved:
-        below, at_most = int(counts[2 * index]), int(counts[2 * index + 1])
+    for index, (code, _, _) in unresolved.items():
+        below_lower, below, at_most, at_most_upper = counts[index].tolist()
+        inside = _concat(values_in[index], inputs.dtype, device)
+        before = {1: below_lower - inside.numel(), 2: below_lower, 3: at_most, 4: at_most_upper}[code]
         found = None
-        if rank <= below:
-            inside = _concat(under_values[index], inputs.dtype, device)
-            under = below - inside.numel()  # |τᵢ| below the bracket (zeros, if it starts at 0)
-            if under < rank:
-                found = inside.kthvalue(rank - under).values
-            elif low[index, 0] <= 0:  # more than `rank` zeros
-                found = torch.zeros((), dtype=inputs.dtype, device=device)
-        elif excluded[index, 0] < 0:
-            inside = _concat(over_values[index], inputs.dtype, device)
-            if rank <= at_most + inside.numel():
-                found = inside.kthvalue(rank - at_most).values
+        if before < rank <= before + inside.numel():
+            found = inside.kthvalue(rank - before).values
+        elif code == 1 and rank <= before and bool(bracket.starts_at_zero[index, 0]):
+            found = torch.zeros((), dtype=inputs.dtype, device=device)  # more than `rank` zeros
         thresholds[index] = found
         if found is None:  # the sample's bracket missed
             missed.append(index)
-    del under_values, over_values
+    del values_in
     if missed:
         for index in missed:
             thresholds[index] = _exact_threshold(inputs, index, rank, dare)
         return _threshold_column(inputs, thresholds)
     threshold = _threshold_column(inputs, thresholds)
 
-    undecided = (flag_values & 1).bool()
-    if unresolved:
-        # entries that the exact thresholds trim differently from the estimates: recompute them
-        for select in blocks(positions.numel()):
-            where, base_at, vectors = at_flagged(select)
-            magnitudes = vectors.abs()
-            changed = ((magnitudes >= threshold) != (magnitudes >= estimate)).any(dim=0)
-            recomputed = changed.nonzero().squeeze(1)
-            if not recomputed.numel():
-                continue
-            block = vectors[:, recomputed]
-            before = block * (block.abs() >= estimate)
-            sign_total -= int(torch.sign(before.sum(dim=0)).sum())
-            result, total, count = _ties_entries(base_at[recomputed], block, threshold, keep_all, scale)
-            if not bool(torch.isfinite(result).all()):
-                raise FloatingPointError(name)
-            sign_total += int(torch.sign(total).sum())
-            out[where[recomputed]] = result.to(out.dtype)
-            undecided[select][recomputed] = (total == 0) & (count > 0)
-    if sign_total > 0 and bool(undecided.any()):
-        chosen = undecided.nonzero().squeeze(1)
-        for select in blocks(chosen.numel()):
-            where, base_at, vectors = at_flagged(chosen[select])
-            out[where] = _positive_majority_entries(base_at, vectors, threshold, keep_all, scale).to(out.dtype)
+    # Redo every entry between t̂ and an exact threshold with the exact ones (an entry both trim
+    # alike is recomputed bit for bit); the zero sums among them replace the pass's.
+    still_undecided = []
+    for block in blocks(redo):
+        if fused_gather:
+            keys = kernel.dare.kernel_keys(0) if kernel.dare is not None else None
+            result, signs, undecided, finite = kernel.call(
+                "retrim", *gather_arguments, block, keys, kernel.drop, kernel.keep_divisor, estimate.view(-1),
+                threshold.view(-1), kernel.scale, out.dtype)
+            signs = int(signs)
+        else:
+            base_at, vectors = inputs.vectors_at(block, kernel.dare)
+            before = torch.where(vectors.abs() >= estimate, vectors, 0.0).sum(dim=0)
+            result, total, count = _ties_entries(base_at, vectors, threshold, keep_all, scale)
+            signs = int(torch.sign(total).sum()) - int(torch.sign(before).sum())
+            undecided = (total == 0) & (count > 0)
+            result = result.to(out.dtype)
+            finite = torch.isfinite(result).all()
+        if not bool(finite):
+            raise FloatingPointError(name)
+        sign_total += signs
+        out[block] = result
+        still_undecided.append(block[undecided])
+    if sign_total > 0:  # entries whose trimmed sum is 0 take the positive majority's sign
+        undecided = select(lambda words: torch.bitwise_and(words[0], 1).bool())
+        if redo.numel():
+            undecided = torch.cat([undecided[~torch.isin(undecided, redo)], *still_undecided])
+        for block in blocks(undecided):
+            base_at, vectors = vectors_at(block)
+            out[block] = _positive_majority_entries(base_at, vectors, threshold, keep_all, scale).to(out.dtype)
     return None
 
 
