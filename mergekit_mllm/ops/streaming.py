@@ -94,8 +94,10 @@ class _Inputs:
             chunk = (fused.CHUNK if self.fused else CPU_CHUNK) if base.device.type == "cpu" else self.n
         self.chunk = max(1, min(chunk, self.n, fused.MAX_CHUNK if self.fused else self.n))
         self.dtype = dtype
-        self._base_buffer = torch.empty(self.chunk, dtype=dtype, device=base.device)
-        self._tv_buffer = torch.empty((self.count, self.chunk), dtype=dtype, device=base.device)
+        # the eager chunk buffers, allocated on first use (the fused kernels never need them: a
+        # 20 MiB allocation per tensor left holes in the heap that RSS grew into, measured)
+        self._base_buffer: Optional[torch.Tensor] = None
+        self._tv_buffer: Optional[torch.Tensor] = None
 
     def spans(self):
         """Chunks of the tensor (never across a multiple of 2³¹: the DARE counters' split)."""
@@ -104,6 +106,9 @@ class _Inputs:
     def load(self, start: int, stop: int, check: bool = True):
         """(base chunk, weighted task-vector chunk N×c) in the compute dtype (buffers are reused)."""
         size = stop - start
+        if self._base_buffer is None:
+            self._base_buffer = torch.empty(self.chunk, dtype=self.dtype, device=self.base.device)
+            self._tv_buffer = torch.empty((self.count, self.chunk), dtype=self.dtype, device=self.base.device)
         base = self._base_buffer[:size]
         base.copy_(self.base[start:stop])
         vectors = self._tv_buffer[:, :size]
@@ -260,20 +265,26 @@ weight_average = _with_fallback(_weight_average_fused, _weight_average_eager)
 
 
 class _Growable:
-    """An append-only 1-D buffer with doubling capacity."""
+    """An append-only 1-D buffer with doubling capacity (one allocation: keeping hundreds of small
+    per-chunk pieces alive between the chunk temporaries fragments the heap, and RSS grew by GBs)."""
 
     def __init__(self, capacity: int, dtype: torch.dtype, device):
-        self.buffer = torch.empty(capacity, dtype=dtype, device=device)
+        self.buffer = torch.empty(capacity, dtype=dtype, device=device)  # pages are touched only when written
         self.size = 0
 
-    def extend(self, values: torch.Tensor) -> None:
-        end = self.size + values.numel()
+    def reserve(self, count: int) -> torch.Tensor:
+        """The next ``count`` entries of the buffer, to be written by the caller."""
+        end = self.size + count
         if end > self.buffer.numel():
             grown = torch.empty(max(end, 2 * self.buffer.numel()), dtype=self.buffer.dtype, device=self.buffer.device)
             grown[: self.size].copy_(self.buffer[: self.size])
             self.buffer = grown
-        self.buffer[self.size:end].copy_(values)
+        view = self.buffer[self.size:end]
         self.size = end
+        return view
+
+    def extend(self, values: torch.Tensor) -> None:
+        self.reserve(values.numel()).copy_(values)
 
     def values(self) -> torch.Tensor:
         return self.buffer[: self.size]
@@ -324,12 +335,10 @@ def _bracket(inputs: _Inputs, rank: int, dare: Optional[_Dare]):
     columns = [[] for _ in range(5)]
     for index in range(inputs.count):
         sample = vectors[index].abs()
-        ordered = sample.sort().values
-        columns[0].append(ordered[min(lo, m - 1)] if lo >= 0 else sample.new_tensor(-1.0))
-        columns[1].append(ordered[max(hi, 0)] if hi < m else sample.new_tensor(math.inf))
-        columns[2].append(ordered[middle])
-        columns[3].append(ordered[inner_lo])
-        columns[4].append(ordered[inner_hi])
+        columns[0].append(sample.kthvalue(min(lo, m - 1) + 1).values if lo >= 0 else sample.new_tensor(-1.0))
+        columns[1].append(sample.kthvalue(max(hi, 0) + 1).values if hi < m else sample.new_tensor(math.inf))
+        for column, rank_in_sample in zip(columns[2:], (middle, inner_lo, inner_hi)):
+            column.append(sample.kthvalue(rank_in_sample + 1).values)  # (five selections beat one sort)
     return tuple(torch.stack(column).unsqueeze(1) for column in columns)
 
 
@@ -524,8 +533,10 @@ def _ties_fused_pass(inputs, out, scale, name, rank, keep_all, bracket: _Bracket
     arguments = bracket.arguments()
     sign_total = 0
     counts = torch.zeros(4 * inputs.count, dtype=torch.int64, device=device)
-    # per chunk with flags: the flagged entries' flat positions and flag words
-    flagged: List[Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]] = []
+    # the flagged entries' flat positions and flag words (capacity for the usual few per cent)
+    capacity = inputs.n // 16 + 4096
+    flagged = _Growable(capacity, torch.int64, device)
+    flag_words = [_Growable(capacity, torch.int32, device) for _ in range(-(-inputs.count // fused.EXPERTS_PER_WORD))]
     for start, stop, args in kernel.chunks():
         result, signs, words, counts_here, finite_inputs, finite_result = kernel.call(
             "ties", *args, *arguments, kernel.scale, out.dtype)
@@ -537,13 +548,16 @@ def _ties_fused_pass(inputs, out, scale, name, rank, keep_all, bracket: _Bracket
         any_flag = words[0] if len(words) == 1 else torch.stack(words).ne(0).any(dim=0)
         here = any_flag.nonzero().squeeze(1)
         if here.numel():
-            flagged.append((here.add(start), tuple(word[here] for word in words)))
+            torch.add(here, start, out=flagged.reserve(here.numel()))
+            for word, buffer in zip(words, flag_words):
+                torch.index_select(word, 0, here, out=buffer.reserve(here.numel()))
         out[start:stop].copy_(result)
     counts = counts.view(inputs.count, 4)  # |τᵢ| < lower, < t̂, ≤ t̂, ≤ upper
+    positions, words = flagged.values(), [buffer.values() for buffer in flag_words]
 
     def select(keep) -> torch.Tensor:
         """The flat positions of the flagged entries whose flag words pass ``keep`` (ascending)."""
-        return _concat([where[keep(words)] for where, words in flagged], torch.int64, device)
+        return positions[keep(words)]
 
     def blocks(positions: torch.Tensor):
         """``positions`` in blocks of FIX_BLOCK entries: the fix-up holds a few MiB, not a copy of the tensor."""
