@@ -6,6 +6,8 @@ oracles in test_methods.py. Here chunk sizes are tiny so every code path (severa
 threshold bracket hits and misses, ties at the threshold, the majority-sign fix-up) runs.
 """
 
+import unittest.mock
+
 import pytest
 import torch
 
@@ -174,3 +176,27 @@ def test_growable_buffer_keeps_order_across_growth():
     for piece in pieces:
         buffer.extend(piece)
     assert torch.equal(buffer.values(), torch.cat(pieces))
+
+
+@pytest.mark.parametrize("case", ["continuous", "ties", "zeros", "inverted"])
+def test_order_statistics_equal_a_full_sort(case):
+    """The bracket's order statistics (two selections and a sort of the window between them, or
+    selections when ties make the window large) equal the entries of the fully sorted sample."""
+    g = torch.Generator().manual_seed(7)
+    sample = torch.randn(20000, generator=g).abs()
+    if case == "ties":
+        sample = (sample * 8).round() / 8  # a few dozen values
+    if case == "zeros":
+        sample[:15000] = 0
+    first, last = {"inverted": (16300, 15700), "zeros": (14000, 16300)}.get(case, (15700, 16300))
+    ranks = (16000, 15800, 16200, 15000)  # the last outside first … last: a selection of its own
+    selections = []
+    kthvalue = torch.Tensor.kthvalue
+    with unittest.mock.patch.object(torch.Tensor, "kthvalue", lambda self, k: selections.append(k) or kthvalue(self, k)):
+        got = streaming._order_statistics(sample, first, last, ranks)
+    # two selections, one more for a rank outside; all of them when the window is large (zeros) or inverted
+    assert len(selections) == (6 if case in ("zeros", "inverted") else 3)
+    ordered = sample.sort().values
+    assert set(got) == {first, last, *ranks}
+    for rank, value in got.items():
+        assert value == ordered[rank], rank
