@@ -330,3 +330,35 @@ def test_dare_counters_split_inside_a_tensor(compiled, monkeypatch, method):
     assert "gather" not in compiled  # above the split the fix-up gathers eagerly
     torch.testing.assert_close(got, dense(method, base, experts, [1.0, 0.5, -0.7, 1.3], 0.8, **params),
                                rtol=0, atol=0)
+
+
+def test_vector_isa_probe_runs_once_per_machine(monkeypatch, tmp_path):
+    """inductor's per-process probe of the CPU's vector ISAs (a test library built and dlopen-ed
+    in a child Python per ISA) runs once; later processes set inductor's ``cpp.vec_isa_ok``
+    switch, which selects the same ISAs. A probe that rejects a reported ISA is not remembered."""
+    import platform
+
+    from torch._inductor import config, cpu_vec_isa
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the probe is remembered on x86 only")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    probes = []
+    real = cpu_vec_isa.valid_vec_isa_list
+    monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", lambda: probes.append(1) or real())
+    with config.patch({"cpp.vec_isa_ok": None}):
+        assert fused.remember_vector_isa_probe() is False  # probed (once per process: inductor caches it) …
+        assert config.cpp.vec_isa_ok is True and len(probes) == 1  # … and the switch set (a cache-key part)
+        config.cpp.vec_isa_ok = None  # "a later process"
+        assert fused.remember_vector_isa_probe() is True  # the marker is there
+        assert config.cpp.vec_isa_ok is True and len(probes) == 1
+        # the switch selects what the probe selected
+        with_switch = [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list
+                       if all(flag in cpu_vec_isa.x86_isa_checker() for flag in str(isa).split()) and isa]
+        assert with_switch == [str(isa) for isa in real()]
+    with config.patch({"cpp.vec_isa_ok": None}):
+        for marker in (tmp_path / "mergekit_mllm").iterdir():
+            marker.unlink()
+        monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", lambda: real()[1:])  # one ISA failed to build
+        assert fused.remember_vector_isa_probe() is False
+        assert fused.remember_vector_isa_probe() is False and config.cpp.vec_isa_ok is None

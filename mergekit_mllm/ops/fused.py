@@ -26,8 +26,13 @@ printed once and the eager path is used for the rest of the process.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import platform
+import shutil
 import sys
+from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import torch
@@ -235,10 +240,54 @@ def _limit_patch():
     return config.patch(**{name: max(RECOMPILE_LIMIT, getattr(config, name))})
 
 
+def remember_vector_isa_probe() -> Optional[bool]:
+    """Skip inductor's per-process probe of the CPU's vector instruction sets where it passed before.
+
+    Before it loads or builds a CPU kernel, inductor checks every vector ISA that ``/proc/cpuinfo``
+    reports (AVX2, AVX-512, …) by compiling a test library and ``dlopen``-ing it in a child Python,
+    in every process: 0.78 s per merge process here (measured), a large share of a small model's
+    merge. The outcome depends only on those CPU flags, the C++ compiler and torch, so it is
+    probed once per combination and remembered in inductor's cache directory; when every reported
+    ISA passed, later processes set inductor's own switch for it (``cpp.vec_isa_ok = True``), which
+    selects the same ISAs without the probe (and is set in the probing process too: it is part of
+    the kernels' cache key). Returns True when set from the remembered probe, False when probed
+    now, None when not applicable (not x86, already configured, or anything failed: then
+    inductor probes as usual)."""
+    try:
+        from torch._inductor import config, cpp_builder, cpu_vec_isa
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        if config.cpp.vec_isa_ok is not None or platform.machine() not in ("x86_64", "AMD64"):
+            return None
+        flags = cpu_vec_isa.x86_isa_checker()
+        reported = [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list
+                    if all(flag in flags for flag in str(isa).split())]
+        compiler = cpp_builder.get_cpp_compiler()
+        located = os.path.realpath(shutil.which(compiler) or compiler)
+        identity = [torch.__version__, reported, compiler, located,
+                    os.stat(located).st_mtime_ns if os.path.exists(located) else None]
+        digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:20]
+        marker = Path(cache_dir()) / "mergekit_mllm" / f"vec_isa_ok-{digest}.json"
+        if marker.exists():
+            config.cpp.vec_isa_ok = True
+            return True
+        if reported and [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()] == reported:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"torch": identity[0], "isas": reported, "compiler": located}))
+            # the switch is part of inductor's cache key: set it in this process too, or the
+            # next process would miss the kernels compiled here and compile them again
+            config.cpp.vec_isa_ok = True
+        return False
+    except Exception:  # an inductor internal moved: leave the probe to inductor
+        return None
+
+
 def kernel(name: str) -> Callable:
     """The compiled kernel ``name``; calls run with :data:`RECOMPILE_LIMIT` variants allowed."""
     compiled = _kernels.get(name)
     if compiled is None:
+        if not _kernels:
+            remember_vector_isa_probe()
         inner = torch.compile(_SOURCES[name], dynamic=True, fullgraph=True)
 
         def compiled(*args):
