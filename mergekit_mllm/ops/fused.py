@@ -14,10 +14,12 @@ end-to-end test that runs stock ``mergekit-yaml`` both ways.
 When it is used (``MERGEKIT_MLLM_COMPILE``):
 
 * ``auto`` (default): on the CPU, for tensors of at least :data:`MIN_ELEMENTS`
-  entries. Compiling costs seconds once per kernel variant (≈13 s for TIES's kernel
-  on a 2-core CPU with an empty cache; inductor caches it on disk, and a later
-  process loads it in ≈3 s); a 7B model's large matrices repay that many times, a
-  tiny test model would not.
+  entries. Compiling costs seconds once per kernel variant (≈8–13 s for TIES's kernel
+  on a 2-core CPU with an empty cache; inductor caches it on disk); every later
+  process pays ≈1.3 s to import dynamo and inductor and ≈1.6 s to trace TIES's kernel
+  and load it (≈0.3 s for each fix-up kernel; inductor's per-process probe of the
+  CPU's vector ISAs, another 0.8 s, is remembered: :func:`remember_vector_isa_probe`).
+  A 7B model's large matrices repay that many times, a tiny test model would not.
 * ``1``: for every CPU tensor (tests); ``0``: never.
 
 If compilation fails (no C++ compiler, unsupported platform) a warning is

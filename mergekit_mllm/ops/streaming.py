@@ -14,14 +14,17 @@ output once:
   estimate and a bracket [low, high] that holds the exact value unless the sample
   was unlucky (≈ 3.6 standard errors).
 
-  - Fused (CPU, large tensors): one pass trims with the estimate and, in the same
-    kernel, counts the entries below / at most the estimate and flags the entries a
-    threshold elsewhere in the bracket would trim differently. Afterwards the counts
-    tell whether the estimate was exact (checkpoint task vectors are quantised,
-    multiples of the base's bfloat16 ulp, so the threshold is a large tie group that
-    the sample usually hits: such a group is counted, not flagged); if not, the exact
-    threshold comes from the flagged entries and only the entries it trims
-    differently are recomputed.
+  - Fused (CPU, large tensors): one pass trims with the estimate t̂ and, in the same
+    kernel, counts per expert the entries below ``lower``, below t̂, at most t̂ and at
+    most ``upper`` (inner boundaries that split the bracket into four sub-intervals)
+    and flags, per entry and expert, the sub-interval its |τᵢ| lies in (3 bits per
+    expert in int32 words). Afterwards the counts tell whether the estimate was exact
+    (checkpoint task vectors are quantised, multiples of the base's bfloat16 ulp, so
+    the threshold is a tie group that the sample often hits: a large group at t̂ is
+    counted, not flagged) and otherwise which sub-interval holds the exact threshold;
+    only the flagged entries between it and t̂ are gathered (to select it) and redone
+    with it, in one fused kernel. With quantised values, a wrong estimate usually
+    means a whole neighbouring tie group (≈ 1 % of the entries) changes sides.
   - Eager: a counting pass gathers the values inside the bracket (≈ 1 % of the
     tensor) and selects the exact threshold from them, then a second pass merges.
 
@@ -45,7 +48,7 @@ fails).
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -217,6 +220,15 @@ class _Fused:
             fused.disable(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
             raise _FusedUnavailable() from error
 
+    def vectors_at(self, where: torch.Tensor):
+        """(base, weighted (DARE-dropped) τ N×k) at flat positions ``where``: the fused gather, or
+        :meth:`_Inputs.vectors_at` where DARE's counters pass 2³¹ (same numbers)."""
+        if self.dare is not None and self.inputs.n > counter_rng.SPLIT:
+            return self.inputs.vectors_at(where, self.dare)
+        keys = self.dare.kernel_keys(0) if self.dare is not None else None
+        return self.call("gather", self.inputs.base, self.inputs.experts, self.weights, where, keys, self.drop,
+                         self.keep_divisor)
+
     def check_inputs(self, finite: torch.Tensor, start: int, stop: int) -> None:
         if not bool(finite):
             self.inputs.load(start, stop, check=True)  # raises NonFiniteInput naming the model
@@ -312,7 +324,7 @@ def _bracket_width(n: int) -> float:
     return BRACKET * math.sqrt(max(1.0, SAMPLE_SIZE / _sample_size(n)))
 
 
-def _bracket(inputs: _Inputs, rank: int, dare: Optional[_Dare]):
+def _bracket(inputs: _Inputs, rank: int, dare: Optional[_Dare], vectors_at: Optional[Callable] = None):
     """Per expert, from a random sample of |τᵢ|: (low, high, estimate, lower, upper), columns N×1.
     The exact threshold (the ``rank``-th smallest |τᵢ|) lies in [low, high] unless the sample was
     unlucky (≈ 3.6 standard errors); counting over the whole tensor decides, and makes it exact.
@@ -322,7 +334,8 @@ def _bracket(inputs: _Inputs, rank: int, dare: Optional[_Dare]):
     device = inputs.base.device
     generator = torch.Generator().manual_seed(0)  # deterministic
     positions = _sample_positions(n, _sample_size(n), generator).to(device)
-    _, vectors = inputs.vectors_at(positions, dare)  # with the entries' own DARE masks
+    # with the entries' own DARE masks (``vectors_at``: the fused gather, same numbers)
+    _, vectors = vectors_at(positions) if vectors_at is not None else inputs.vectors_at(positions, dare)
     m = positions.numel()
     quantile = rank / n
     # kthvalue is 1-based: the j-th smallest (0-based) is kthvalue(j + 1)
@@ -495,7 +508,7 @@ def _ties_fused(inputs: _Inputs, out: torch.Tensor, scale: float, name: str, den
     rank = int(n * (1.0 - density))
     keep_all = [rank <= 0] * inputs.count
     if rank > 0:
-        low, high, estimate, lower, upper = _bracket(inputs, rank, dare)
+        low, high, estimate, lower, upper = _bracket(inputs, rank, dare, _Fused(inputs, dare, scale).vectors_at)
         # the bracket's top in the tie group of t̂: the group is counted, not flagged
         excluded = torch.where((high == estimate) & (estimate > 0), estimate, -2.0)
         bracket = _Bracket(estimate, low, high, excluded, lower, upper)
@@ -586,13 +599,7 @@ def _ties_fused_pass(inputs, out, scale, name, rank, keep_all, bracket: _Bracket
 
     fused_gather = kernel.dare is None or inputs.n <= counter_rng.SPLIT  # else eager (counters past 2³¹)
     gather_arguments = (inputs.base, inputs.experts, kernel.weights)
-
-    def vectors_at(where):
-        """(base, weighted (DARE-dropped) task vectors N×k) at flat positions ``where``, as the pass computed them."""
-        if fused_gather:
-            keys = kernel.dare.kernel_keys(0) if kernel.dare is not None else None
-            return kernel.call("gather", *gather_arguments, where, keys, kernel.drop, kernel.keep_divisor)
-        return inputs.vectors_at(where, kernel.dare)
+    vectors_at = kernel.vectors_at
 
     # Per expert whose exact threshold is not the estimate: the code of the sub-interval holding
     # it, and the codes of the entries it trims differently (those between it and t̂).
