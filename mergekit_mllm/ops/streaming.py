@@ -565,8 +565,9 @@ def _ties_fused_pass(inputs, out, scale, name, rank, keep_all, bracket: _Bracket
     arguments = bracket.arguments()
     sign_total = 0
     counts = torch.zeros(4 * inputs.count, dtype=torch.int64, device=device)
-    # the flagged entries' flat positions and flag words (capacity for the usual few per cent)
-    capacity = inputs.n // 16 + 4096
+    # the flagged entries' flat positions and flag words (room for the usual 5–10 %: pages are
+    # touched only as they are written, and a doubling copies)
+    capacity = inputs.n // 8 + 4096
     flagged = _Growable(capacity, torch.int64, device)
     flag_words = [_Growable(capacity, torch.int32, device) for _ in range(-(-inputs.count // fused.EXPERTS_PER_WORD))]
     for start, stop, args in kernel.chunks():
