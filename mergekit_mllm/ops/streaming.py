@@ -207,6 +207,7 @@ class _Fused:
         self.drop = torch.tensor(rate, **f32)
         self.keep_divisor = torch.tensor(1.0 - rate, **f32)
         self.scale = torch.tensor(scale, **f32)
+        self.scale_value = scale  # for the eager fix-up operations
 
     def chunks(self):
         for start, stop in self.inputs.spans():
@@ -220,14 +221,37 @@ class _Fused:
             fused.disable(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
             raise _FusedUnavailable() from error
 
+    def _gathers_fused(self) -> bool:
+        """Whether the kernels that read at flat positions apply (DARE's counters stay below 2³¹)."""
+        return self.dare is None or self.inputs.n <= counter_rng.SPLIT
+
+    def _at(self, where: torch.Tensor):
+        """The position kernels' leading arguments for flat positions ``where``."""
+        keys = self.dare.kernel_keys(0) if self.dare is not None else None
+        return self.inputs.base, self.inputs.experts, self.weights, where, keys, self.drop, self.keep_divisor
+
     def vectors_at(self, where: torch.Tensor):
         """(base, weighted (DARE-dropped) τ N×k) at flat positions ``where``: the fused gather, or
         :meth:`_Inputs.vectors_at` where DARE's counters pass 2³¹ (same numbers)."""
-        if self.dare is not None and self.inputs.n > counter_rng.SPLIT:
+        if not self._gathers_fused():
             return self.inputs.vectors_at(where, self.dare)
-        keys = self.dare.kernel_keys(0) if self.dare is not None else None
-        return self.call("gather", self.inputs.base, self.inputs.experts, self.weights, where, keys, self.drop,
-                         self.keep_divisor)
+        return self.call("gather", *self._at(where))
+
+    def retrim(self, where: torch.Tensor, estimate: torch.Tensor, threshold: torch.Tensor,
+               keep_all: Sequence[bool], out_dtype: torch.dtype):
+        """TIES at flat positions ``where`` with the trim ``threshold`` (N×1) instead of ``estimate``:
+        (result in ``out_dtype``, Σ sign(new trimmed sum) − Σ sign(the estimate's), new "sum cancels
+        to 0" flags, result finite), by the fused ``retrim`` kernel or the same float32 operations eagerly."""
+        if self._gathers_fused():
+            result, signs, undecided, finite = self.call("retrim", *self._at(where), estimate.view(-1),
+                                                         threshold.view(-1), self.scale, out_dtype)
+            return result, int(signs), undecided, finite
+        base_at, vectors = self.inputs.vectors_at(where, self.dare)
+        before = torch.where(vectors.abs() >= estimate, vectors, 0.0).sum(dim=0)
+        result, total, count = _ties_entries(base_at, vectors, threshold, keep_all, self.scale_value)
+        signs = int(torch.sign(total).sum()) - int(torch.sign(before).sum())
+        result = result.to(out_dtype)
+        return result, signs, (total == 0) & (count > 0), torch.isfinite(result).all()
 
     def check_inputs(self, finite: torch.Tensor, start: int, stop: int) -> None:
         if not bool(finite):
@@ -507,16 +531,17 @@ def _ties_fused(inputs: _Inputs, out: torch.Tensor, scale: float, name: str, den
     n = inputs.n
     rank = int(n * (1.0 - density))
     keep_all = [rank <= 0] * inputs.count
+    kernel = _Fused(inputs, dare, scale)
     if rank > 0:
-        low, high, estimate, lower, upper = _bracket(inputs, rank, dare, _Fused(inputs, dare, scale).vectors_at)
+        low, high, estimate, lower, upper = _bracket(inputs, rank, dare, kernel.vectors_at)
         # the bracket's top in the tie group of t̂: the group is counted, not flagged
         excluded = torch.where((high == estimate) & (estimate > 0), estimate, -2.0)
         bracket = _Bracket(estimate, low, high, excluded, lower, upper)
     else:  # keep everything: threshold 0, an empty bracket (nothing is flagged)
         bracket = _Bracket.empty(torch.zeros((inputs.count, 1), dtype=inputs.dtype, device=inputs.base.device))
-    exact = _ties_fused_pass(inputs, out, scale, name, rank, keep_all, bracket, dare)
+    exact = _ties_fused_pass(kernel, out, name, rank, keep_all, bracket)
     if exact is not None:  # a bracket missed: the exact thresholds were computed; trim with them
-        _ties_fused_pass(inputs, out, scale, name, rank, keep_all, _Bracket.empty(exact), dare, exact=True)
+        _ties_fused_pass(kernel, out, name, rank, keep_all, _Bracket.empty(exact), exact=True)
 
 
 class _Bracket:
@@ -554,12 +579,12 @@ def _flag_code_in(words: List[torch.Tensor], index: int, first: int, last: int) 
     return (field >= first << shift) & (field <= last << shift)
 
 
-def _ties_fused_pass(inputs, out, scale, name, rank, keep_all, bracket: _Bracket, dare,
+def _ties_fused_pass(kernel: "_Fused", out, name, rank, keep_all, bracket: _Bracket,
                      exact: bool = False) -> Optional[torch.Tensor]:
     """One fused pass with the trim thresholds ``bracket.estimate`` (N×1), then the fix-up to the
     exact thresholds (``exact``: the estimate is exact already). Returns None when done, or the
     exact thresholds (N×1) when a bracket missed and the pass must be repeated with them."""
-    kernel = _Fused(inputs, dare, scale)
+    inputs, dare, scale = kernel.inputs, kernel.dare, kernel.scale_value
     device = inputs.base.device
     estimate = bracket.estimate
     arguments = bracket.arguments()
@@ -598,10 +623,6 @@ def _ties_fused_pass(inputs, out, scale, name, rank, keep_all, bracket: _Bracket
             # a copy, not a view: a view's base size is a guard of the compiled kernels (recompiles)
             yield positions[begin:begin + FIX_BLOCK].clone()
 
-    fused_gather = kernel.dare is None or inputs.n <= counter_rng.SPLIT  # else eager (counters past 2³¹)
-    gather_arguments = (inputs.base, inputs.experts, kernel.weights)
-    vectors_at = kernel.vectors_at
-
     # Per expert whose exact threshold is not the estimate: the code of the sub-interval holding
     # it, and the codes of the entries it trims differently (those between it and t̂).
     thresholds: List[Optional[torch.Tensor]] = [None] * inputs.count
@@ -634,7 +655,7 @@ def _ties_fused_pass(inputs, out, scale, name, rank, keep_all, bracket: _Bracket
               3: (estimate, bracket.upper, True), 4: (bracket.upper, bracket.high, True)}
     values_in = {index: [] for index in unresolved}
     for block in blocks(redo):
-        magnitudes = vectors_at(block)[1].abs_()
+        magnitudes = kernel.vectors_at(block)[1].abs_()
         for index, (code, _, _) in unresolved.items():
             start_at, end_at, open_start = ranges[code]
             values = magnitudes[index]
@@ -665,20 +686,7 @@ def _ties_fused_pass(inputs, out, scale, name, rank, keep_all, bracket: _Bracket
     # alike is recomputed bit for bit); the zero sums among them replace the pass's.
     still_undecided = []
     for block in blocks(redo):
-        if fused_gather:
-            keys = kernel.dare.kernel_keys(0) if kernel.dare is not None else None
-            result, signs, undecided, finite = kernel.call(
-                "retrim", *gather_arguments, block, keys, kernel.drop, kernel.keep_divisor, estimate.view(-1),
-                threshold.view(-1), kernel.scale, out.dtype)
-            signs = int(signs)
-        else:
-            base_at, vectors = inputs.vectors_at(block, kernel.dare)
-            before = torch.where(vectors.abs() >= estimate, vectors, 0.0).sum(dim=0)
-            result, total, count = _ties_entries(base_at, vectors, threshold, keep_all, scale)
-            signs = int(torch.sign(total).sum()) - int(torch.sign(before).sum())
-            undecided = (total == 0) & (count > 0)
-            result = result.to(out.dtype)
-            finite = torch.isfinite(result).all()
+        result, signs, undecided, finite = kernel.retrim(block, estimate, threshold, keep_all, out.dtype)
         if not bool(finite):
             raise FloatingPointError(name)
         sign_total += signs
@@ -689,7 +697,7 @@ def _ties_fused_pass(inputs, out, scale, name, rank, keep_all, bracket: _Bracket
         if redo.numel():
             undecided = torch.cat([undecided[~torch.isin(undecided, redo)], *still_undecided])
         for block in blocks(undecided):
-            base_at, vectors = vectors_at(block)
+            base_at, vectors = kernel.vectors_at(block)
             out[block] = _positive_majority_entries(base_at, vectors, threshold, keep_all, scale).to(out.dtype)
     return None
 
