@@ -1,9 +1,16 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# The fused kernels' tests compile dozens of kernel variants (experts, dtypes, DARE on/off): with
+# torch.compile (``jit``) each takes a few seconds, as an ahead-of-time package (``aot``, the
+# default) ≈10 s. The suite runs them with ``jit``; the tests marked for ``aot`` (test_fused.py,
+# test_e2e_install.py) set it themselves, as does anyone running the suite with the variable set.
+os.environ.setdefault("MERGEKIT_MLLM_COMPILE_BACKEND", "jit")
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,11 @@
 (seconds; inductor caches it on disk).
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -260,7 +265,7 @@ def test_compile_failure_falls_back_to_eager_once(monkeypatch, capsys):
         torch.testing.assert_close(got, dense("ties_merging", base, experts, [1.0] * 3, 0.5, density=0.3),
                                    rtol=0, atol=0)
     assert attempts == ["gather"]  # the first kernel (the sample's gather) tried once, then eager throughout
-    assert capsys.readouterr().err.count("torch.compile unavailable (RuntimeError: no C++ compiler found)") == 1
+    assert capsys.readouterr().err.count("fused kernels unavailable (RuntimeError: no C++ compiler found)") == 1
 
 
 def test_when_the_fused_kernels_are_used(monkeypatch):
@@ -362,3 +367,103 @@ def test_vector_isa_probe_runs_once_per_machine(monkeypatch, tmp_path):
         monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", lambda: real()[1:])  # one ISA failed to build
         assert fused.remember_vector_isa_probe() is False
         assert fused.remember_vector_isa_probe() is False and config.cpp.vec_isa_ok is None
+
+
+# ---------------------------------------------------------------- ahead-of-time packages (the default backend)
+
+
+@pytest.fixture
+def aot(compiled, monkeypatch):
+    """The ``aot`` backend (the suite runs ``jit``, see conftest.py) and a record of the packages
+    built in this test (packages of earlier runs are reused from the cache)."""
+    monkeypatch.setenv("MERGEKIT_MLLM_COMPILE_BACKEND", "aot")
+    builds = []
+    original = fused._AotKernel._build
+
+    def build(self, args, path, spec_path):
+        builds.append(self.name)
+        return original(self, args, path, spec_path)
+
+    monkeypatch.setattr(fused._AotKernel, "_build", build)
+    return builds
+
+
+@pytest.mark.parametrize("method,params,dtype,chunk", [CASES[0], CASES[4]])
+def test_aot_packages_equal_dense(compiled, aot, method, params, dtype, chunk):
+    test_fused_equals_dense(compiled, method, params, dtype, chunk)
+    assert all(isinstance(fused._kernels[f"aot:{name}"], fused._AotKernel) for name in compiled)
+
+
+def test_aot_ties_fix_up_equals_dense(aot, retrimmed, monkeypatch):
+    """The whole one-pass TIES with its fix-up (the sample's gather, the pass, the re-trim) through
+    the packages: DARE+TIES with a sample small enough that the estimate misses."""
+    monkeypatch.setattr(streaming, "SAMPLE_SIZE", 300)
+    monkeypatch.setattr(streaming, "BRACKET", 0.08)
+    params = {"drop_rate": 0.3, "density": 0.2, "seed": 1}
+    base, experts = inputs((90, 70), 4, torch.bfloat16, seed=11)
+    weights = [1.0, 0.5, -0.7, 1.3]
+    got = streaming.merge("dare_ties_merging", base, experts, weights, scale=0.8, dtype=torch.float32,
+                          tensor_name=NAME, chunk=500, **params)
+    assert fused._failed is None and retrimmed  # the re-trim ran
+    assert {"aot:gather", "aot:ties", "aot:retrim"} <= set(fused._kernels)
+    torch.testing.assert_close(got, dense("dare_ties_merging", base, experts, weights, 0.8, **params),
+                               rtol=0, atol=0)
+
+
+def test_aot_package_is_built_once_per_machine(aot, monkeypatch, tmp_path):
+    """A variant's package is built once into the cache (no temporary left behind), reused by a
+    later process, and the merging process then never imports dynamo or inductor."""
+    monkeypatch.setenv("MERGEKIT_MLLM_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fused, "_kernels", {})
+    base, experts = inputs((40, 30), 3, torch.bfloat16, seed=4)
+    want = dense("weight_average", base, experts, [1.0] * 3, 0.5)
+    got = streaming.merge("weight_average", base, experts, [1.0] * 3, scale=0.5, dtype=torch.float32, chunk=500)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert aot == ["sum"]
+    files = sorted(path.name for path in (tmp_path / "cache").iterdir())
+    assert len(files) == 2 and files[0].startswith("sum-") and files[0].endswith(".json") and files[1].endswith(".pt2")
+    # another chunk length, the same variant: no new package
+    streaming.merge("weight_average", base, experts, [2.0] * 3, scale=0.5, dtype=torch.float32, chunk=333)
+    assert aot == ["sum"]
+    # a later process loads the package: same numbers, and neither dynamo nor inductor imported
+    script = f"""
+import sys, torch
+from mergekit_mllm.ops import streaming
+from test_streaming import inputs
+base, experts = inputs((40, 30), 3, torch.bfloat16, seed=4)
+got = streaming.merge("weight_average", base, experts, [1.0] * 3, scale=0.5, dtype=torch.float32, chunk=500)
+torch.save(got, {str(tmp_path / 'got.pt')!r})
+print(sorted(m for m in ("torch._dynamo", "torch._inductor") if m in sys.modules))
+"""
+    env = {**os.environ, "MERGEKIT_MLLM_COMPILE": "1", "MERGEKIT_MLLM_COMPILE_BACKEND": "aot",
+           "PYTHONPATH": str(Path(__file__).parent)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert "compiling" not in result.stderr
+    torch.testing.assert_close(torch.load(tmp_path / "got.pt"), want, rtol=0, atol=0)
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == files
+
+
+def test_aot_cache_lives_in_inductors_cache_directory(monkeypatch, tmp_path):
+    """Without MERGEKIT_MLLM_KERNEL_CACHE the packages sit in inductor's cache directory (computed
+    without importing inductor), so clearing or redirecting inductor's cache covers them too."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    monkeypatch.delenv("MERGEKIT_MLLM_KERNEL_CACHE", raising=False)
+    for inductor in (None, str(tmp_path / "inductor")):
+        if inductor is None:
+            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductor)
+        assert fused.cache_root() == Path(cache_dir()) / "mergekit_mllm" / "aot"
+    monkeypatch.setenv("MERGEKIT_MLLM_KERNEL_CACHE", str(tmp_path / "mine"))
+    assert fused.cache_root() == tmp_path / "mine"
+
+
+def test_compile_backend_is_validated(monkeypatch):
+    monkeypatch.setenv("MERGEKIT_MLLM_COMPILE_BACKEND", "later")
+    with pytest.raises(ValueError, match="MERGEKIT_MLLM_COMPILE_BACKEND='later'"):
+        fused.kernel("sum")
+    monkeypatch.delenv("MERGEKIT_MLLM_COMPILE_BACKEND")
+    assert fused.backend() == "aot"

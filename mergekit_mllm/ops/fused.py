@@ -1,4 +1,4 @@
-"""Fused (``torch.compile``) chunk kernels for the streaming element-wise methods.
+"""Fused (inductor-compiled) chunk kernels for the streaming element-wise methods.
 
 Eager PyTorch runs TIES as ~20 separate passes over each chunk (abs, compares,
 bool→float multiplies, reductions, each with a fresh temporary); the memory
@@ -14,13 +14,21 @@ end-to-end test that runs stock ``mergekit-yaml`` both ways.
 When it is used (``MERGEKIT_MLLM_COMPILE``):
 
 * ``auto`` (default): on the CPU, for tensors of at least :data:`MIN_ELEMENTS`
-  entries. Compiling costs seconds once per kernel variant (≈8–13 s for TIES's kernel
-  on a 2-core CPU with an empty cache; inductor caches it on disk); every later
-  process pays ≈1.3 s to import dynamo and inductor and ≈1.6 s to trace TIES's kernel
-  and load it (≈0.3 s for each fix-up kernel; inductor's per-process probe of the
-  CPU's vector ISAs, another 0.8 s, is remembered: :func:`remember_vector_isa_probe`).
-  A 7B model's large matrices repay that many times, a tiny test model would not.
+  entries. A 7B model's large matrices repay a kernel's compilation many times, a tiny
+  test model would not.
 * ``1``: for every CPU tensor (tests); ``0``: never.
+
+How they are compiled (``MERGEKIT_MLLM_COMPILE_BACKEND``):
+
+* ``aot`` (default): each kernel variant (number of experts, dtypes, DARE on/off) is
+  exported once per machine and compiled into an ahead-of-time inductor package
+  (≈10 s each on a 2-core CPU, ≈30 s for the very first, which also builds inductor's
+  precompiled header; cached under :func:`cache_root`). A merging process loads the
+  packages with torch's C++ loader in milliseconds and never imports dynamo or inductor.
+* ``jit``: ``torch.compile`` in the process: ≈1.3 s to import dynamo and inductor and
+  ≈1.6 s to trace TIES's kernel and load it from inductor's cache (≈0.3 s for each
+  fix-up kernel) in every process — 3–4 s of a small model's 8 s merge — but a variant
+  compiles in a few seconds the first time (the test suite uses it).
 
 If compilation fails (no C++ compiler, unsupported platform) a warning is
 printed once and the eager path is used for the rest of the process.
@@ -34,6 +42,7 @@ import os
 import platform
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -77,7 +86,7 @@ def disable(reason: str) -> None:
     """Fall back to eager for the rest of the process (reported once)."""
     global _failed
     if _failed is None:
-        print(f"mergekit-mllm: torch.compile unavailable ({reason}); element-wise methods run eagerly "
+        print(f"mergekit-mllm: fused kernels unavailable ({reason}); element-wise methods run eagerly "
               "(set MERGEKIT_MLLM_COMPILE=0 to skip the attempt)", file=sys.stderr)
     _failed = reason
 
@@ -284,17 +293,205 @@ def remember_vector_isa_probe() -> Optional[bool]:
         return None
 
 
+def backend() -> str:
+    """``MERGEKIT_MLLM_COMPILE_BACKEND``: ``aot`` (default) or ``jit``, see :func:`kernel`."""
+    value = os.environ.get("MERGEKIT_MLLM_COMPILE_BACKEND", "aot").strip().lower()
+    if value in ("aot", "jit"):
+        return value
+    raise ValueError(f"MERGEKIT_MLLM_COMPILE_BACKEND={value!r}: use aot or jit")
+
+
 def kernel(name: str) -> Callable:
-    """The compiled kernel ``name``; calls run with :data:`RECOMPILE_LIMIT` variants allowed."""
-    compiled = _kernels.get(name)
+    """The compiled kernel ``name``, called with the source function's arguments.
+
+    ``aot`` (:class:`_AotKernel`): one ahead-of-time inductor package per variant, built once per
+    machine and loaded by torch's C++ loader — no dynamo or inductor in the merging process.
+    ``jit``: ``torch.compile``, traced in every process (≈1.3 s to import dynamo and inductor,
+    ≈0.3–1.6 s per kernel to trace and load); compiles faster the first time (tests use it)."""
+    chosen = backend()
+    compiled = _kernels.get(f"{chosen}:{name}")
     if compiled is None:
-        if not _kernels:
-            remember_vector_isa_probe()
-        inner = torch.compile(_SOURCES[name], dynamic=True, fullgraph=True)
+        if chosen == "aot":
+            compiled = _AotKernel(name)
+        else:
+            if not any(key.startswith("jit:") for key in _kernels):
+                remember_vector_isa_probe()
+            inner = torch.compile(_SOURCES[name], dynamic=True, fullgraph=True)
 
-        def compiled(*args):
-            with _limit_patch():
-                return inner(*args)
+            def compiled(*args):
+                with _limit_patch():
+                    return inner(*args)
 
-        _kernels[name] = compiled
+        _kernels[f"{chosen}:{name}"] = compiled
     return compiled
+
+
+# ---------------------------------------------------------------- ahead-of-time packages
+
+
+#: The arguments whose length varies between calls (per kernel): the chunk's or tensor's base and
+#: experts, and the flat positions of the kernels that read at positions. Every other tensor
+#: argument (weights, thresholds, DARE keys: one entry per expert; scalars) has a fixed shape per
+#: variant.
+_DYNAMIC = {"sum": {0: "L", 1: "L"}, "ties": {0: "L", 1: "L"}, "gather": {0: "L", 1: "L", 3: "P"},
+            "retrim": {0: "L", 1: "L", 3: "P"}}
+#: example lengths for export (distinct, and not 0 or 1, which export would specialise on)
+_EXAMPLE_LENGTHS = {"L": 4099, "P": 2053}
+
+
+def cache_root() -> Path:
+    """Where the packages are kept: ``MERGEKIT_MLLM_KERNEL_CACHE``, else ``mergekit_mllm/aot`` in
+    inductor's cache directory (``TORCHINDUCTOR_CACHE_DIR``, else ``<tmp>/torchinductor_<user>``,
+    computed as inductor does without importing it: importing inductor costs ≈1 s)."""
+    explicit = os.environ.get("MERGEKIT_MLLM_KERNEL_CACHE")
+    if explicit:
+        return Path(explicit)
+    inductor = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not inductor:
+        import getpass
+        import re
+        import tempfile
+
+        try:
+            user = re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())
+        except (KeyError, OSError):
+            user = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+        inductor = os.path.join(tempfile.gettempdir(), "torchinductor_" + user)
+    return Path(inductor) / "mergekit_mllm" / "aot"
+
+
+_identity: Optional[str] = None
+
+
+def _machine_identity() -> str:
+    """What a package depends on besides its graph: torch, this module's and the counter RNG's
+    source, the CPU's instruction-set flags (packages are built for the host's ISA) and the C++
+    compiler. Computed once per process."""
+    global _identity
+    if _identity is None:
+        flags = ""
+        try:
+            with open("/proc/cpuinfo") as handle:
+                flags = next((line for line in handle if line.startswith("flags")), "")
+        except OSError:
+            flags = platform.processor()
+        compiler = os.environ.get("CXX") or "g++"
+        located = os.path.realpath(shutil.which(compiler) or compiler)
+        sources = [Path(__file__).read_bytes(), Path(counter_rng.__file__).read_bytes()]
+        identity = [torch.__version__, platform.machine(), flags, compiler, located,
+                    os.stat(located).st_mtime_ns if os.path.exists(located) else None,
+                    [hashlib.sha256(source).hexdigest() for source in sources]]
+        _identity = json.dumps(identity)
+    return _identity
+
+
+def _flatten(args):
+    """The leaves of a kernel call's arguments (tensors and static values), their structure, and
+    the argument each leaf belongs to."""
+    from torch.utils import _pytree as pytree
+
+    leaves, spec = pytree.tree_flatten(list(args))
+    positions = []
+    for position, argument in enumerate(args):
+        positions += [position] * len(pytree.tree_leaves(argument))
+    return leaves, spec, positions
+
+
+class _AotKernel:
+    """Kernel ``name`` through ahead-of-time inductor packages (``torch._inductor.aoti_compile_and_package``).
+
+    A variant is the call's argument structure with its non-tensor values (number of experts,
+    DARE on/off, output dtype, ``mean``), the tensors' dtypes and the fixed-shape tensors' shapes,
+    and the thread count (inductor bakes it into the kernel's OpenMP loop). Each variant is
+    exported once per machine with dynamic lengths, compiled and cached under :func:`cache_root`
+    (written to a temporary name, then renamed: concurrent merges never read half a package);
+    every later process loads it with ``torch._C._aoti.AOTIModelPackageLoader`` in milliseconds.
+    The package runs the same inductor C++ kernel as ``torch.compile`` would generate: the
+    results are bit-identical to the eager and dense ones (``tests/test_fused.py``)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.dynamic = _DYNAMIC[name]
+        self.variants: Dict[str, tuple] = {}
+
+    def __call__(self, *args):
+        from torch.utils import _pytree as pytree
+
+        leaves, spec, positions = _flatten(args)
+        tensors, kinds = [], []
+        for leaf, position in zip(leaves, positions):
+            if isinstance(leaf, torch.Tensor):
+                dynamic = position in self.dynamic
+                kinds.append((str(leaf.dtype), leaf.dim(), None if dynamic else list(leaf.shape), str(leaf.device)))
+                tensors.append(leaf)
+            else:
+                kinds.append(repr(leaf))
+        key = json.dumps([self.name, str(spec), kinds, torch.get_num_threads()])
+        variant = self.variants.get(key)
+        if variant is None:
+            variant = self.variants[key] = self._load(key, args)
+        loader, out_spec = variant
+        return pytree.tree_unflatten(loader.run(tensors), out_spec)
+
+    def _load(self, key: str, args) -> tuple:
+        from torch.utils import _pytree as pytree
+
+        digest = hashlib.sha256((key + _machine_identity()).encode()).hexdigest()[:24]
+        path = cache_root() / f"{self.name}-{digest}.pt2"
+        spec_path = path.with_suffix(".json")
+        if not (path.exists() and spec_path.exists()):
+            self._build(args, path, spec_path)
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        out_spec = pytree.treespec_loads(json.loads(spec_path.read_text())["out_spec"])
+        return loader, out_spec
+
+    def _build(self, args, path: Path, spec_path: Path) -> None:
+        from torch.utils import _pytree as pytree
+
+        print(f"mergekit-mllm: compiling the fused {self.name!r} kernel for this variant "
+              f"(once per machine, ≈10–60 s; cached in {path.parent})", file=sys.stderr)
+        leaves, spec, positions = _flatten(args)
+        slots, examples, shapes = [], [], []
+        dims = {name: torch.export.Dim(name, min=1, max=(1 << 40)) for name in set(self.dynamic.values())}
+        for slot, (leaf, position) in enumerate(zip(leaves, positions)):
+            if not isinstance(leaf, torch.Tensor):
+                continue
+            slots.append(slot)
+            dim = self.dynamic.get(position)
+            if dim is None:
+                examples.append(leaf.detach().clone())
+                shapes.append(None)
+            elif dim == "P":  # flat positions into a tensor of the example length
+                examples.append(torch.arange(_EXAMPLE_LENGTHS["P"], dtype=leaf.dtype, device=leaf.device))
+                shapes.append({0: dims[dim]})
+            else:
+                examples.append(torch.zeros(_EXAMPLE_LENGTHS[dim], dtype=leaf.dtype, device=leaf.device))
+                shapes.append({0: dims[dim]})
+        source = _SOURCES[self.name]
+
+        class Graph(torch.nn.Module):
+            def forward(self, *tensors):
+                filled = list(leaves)
+                for slot, tensor in zip(slots, tensors):
+                    filled[slot] = tensor
+                return source(*pytree.tree_unflatten(filled, spec))
+
+        from torch._inductor import aoti_compile_and_package
+
+        remember_vector_isa_probe()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")
+        spec_temporary = spec_path.with_name(f".{spec_path.name}.{os.getpid()}.tmp")
+        try:
+            with warnings.catch_warnings():  # torch's own deprecation notices from inside export/inductor
+                warnings.simplefilter("ignore", FutureWarning)
+                program = torch.export.export(Graph(), tuple(examples), dynamic_shapes=(tuple(shapes),),
+                                              strict=False)
+                aoti_compile_and_package(program, package_path=str(temporary))
+            spec_temporary.write_text(json.dumps({"out_spec": pytree.treespec_dumps(program.call_spec.out_spec)}))
+            os.replace(spec_temporary, spec_path)
+            os.replace(temporary, path)
+        finally:
+            for leftover in (temporary, spec_temporary):
+                if leftover.exists():
+                    leftover.unlink()
