@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     parser.add_argument("--wide", action="store_true",
                         help="merge: element-wise methods vs task_arithmetic on two Qwen2-VL-7B-shaped layers "
                              "(saved as merge_<device>_qwen2vl7b_layers.json)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="merge: measure every run this many times, in rounds (the report keeps each run's "
+                             "fastest time and largest peak RSS; a shared machine's noise is seconds)")
     parser.add_argument("--matrix", action="store_true", help="merge --methods: include the matrix-checkpoint runs")
     parser.add_argument("--elementwise-only", action="store_true",
                         help="kernels: re-time only the element-wise methods of the saved entries")
@@ -67,9 +70,9 @@ def main(argv=None) -> int:
             ]
         if args.wide:
             whole_merge.run(device, workdir=args.workdir, runs=whole_merge.wide_runs(),
-                            save_as=f"merge_{device.type}_qwen2vl7b_layers")
+                            save_as=f"merge_{device.type}_qwen2vl7b_layers", repeat=args.repeat)
         else:
-            whole_merge.run(device, quick=args.quick, workdir=args.workdir, runs=runs)
+            whole_merge.run(device, quick=args.quick, workdir=args.workdir, runs=runs, repeat=args.repeat)
     if args.section in ("scores", "all"):
         from benchmarks import scores
 

@@ -225,6 +225,18 @@ def _whole_model(data: Dict[str, Any], device: str) -> List[str]:
 # Whole merges.
 
 
+def _grouped(runs: List[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
+    """Runs of the same merge (label and output sharding) together, in first-seen order. Without
+    rounds (``--repeat``) each run is its own row, as before: the two task_arithmetic runs before
+    and after the others stay two rows."""
+    if not any(r.get("round") for r in runs):
+        return [[r] for r in runs]
+    groups: Dict[Any, List[Dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["label"], run.get("out_shard_size")), []).append(run)
+    return list(groups.values())
+
+
 def _merge_section(data: Dict[str, Any]) -> List[str]:
     lines = []
     for name, checkpoint in data["checkpoints"].items():
@@ -234,6 +246,7 @@ def _merge_section(data: Dict[str, Any]) -> List[str]:
             continue
         ta_times = [r["seconds"] for r in runs if r["method"] == "task_arithmetic" and not r["out_shard_size"] and r["returncode"] == 0]
         ta = min(ta_times) if ta_times else None
+        rounds = any(r.get("round") for r in runs)
         lines += [
             "",
             f"**{name}** checkpoint: Qwen2, {spec['layers']} layers, hidden {spec['hidden']}, MLP {spec['intermediate']}, "
@@ -247,13 +260,24 @@ def _merge_section(data: Dict[str, Any]) -> List[str]:
             "| method | wall time | × task_arithmetic | peak anonymous RSS | within bound | peak total RSS (incl. mapped inputs) | exit |",
             "|---|---|---|---|---|---|---|",
         ]
-        for run in runs:
-            ratio = run["seconds"] / ta if ta else None
-            lines.append(
-                f"| {run['label']} | {_fmt_seconds(run['seconds'])} | {_fmt_ratio(ratio)} | "
-                f"{run.get('peak_anon_bytes', 0) / GIB:.2f} GiB | {'yes' if run['within_rss_bound'] else '**no**'} | "
-                f"{run['peak_rss_bytes'] / GIB:.2f} GiB | {run['returncode']} |"
+        if rounds:
+            lines[-4] += (f" Every run was measured in {data.get('repeat', 1)} interleaved rounds; a row gives its "
+                          "fastest time and its largest peak RSS over them (every time in the last column).")
+            lines[-2] += " all times |"
+            lines[-1] += "---|"
+        for group in _grouped(runs):
+            fastest = min(group, key=lambda r: r["seconds"] if r["returncode"] == 0 else float("inf"))
+            ratio = fastest["seconds"] / ta if ta else None
+            row = (
+                f"| {fastest['label']} | {_fmt_seconds(fastest['seconds'])} | {_fmt_ratio(ratio)} | "
+                f"{max(r.get('peak_anon_bytes', 0) for r in group) / GIB:.2f} GiB | "
+                f"{'yes' if all(r['within_rss_bound'] for r in group) else '**no**'} | "
+                f"{max(r['peak_rss_bytes'] for r in group) / GIB:.2f} GiB | "
+                f"{max(group, key=lambda r: abs(r['returncode']))['returncode']} |"
             )
+            if rounds:
+                row += " " + ", ".join(_fmt_seconds(r["seconds"]) for r in group) + " |"
+            lines.append(row)
     interpreter = data.get("interpreter")
     if interpreter:
         lines.append(

@@ -332,13 +332,19 @@ def run(
     runs: Optional[Sequence[MergeRun]] = None,
     save_as: Optional[str] = None,
     log: Callable[[str], None] = print,
+    repeat: int = 1,
 ) -> Dict[str, Any]:
+    """Every run of ``runs`` once per round, ``repeat`` rounds (interleaved, so that a slow spell
+    of a shared machine does not fall on one method's repeats only)."""
+    if repeat < 1:
+        raise ValueError(f"repeat must be at least 1, got {repeat}")
     runs = list(runs or default_runs(quick))
     owned = workdir is None
     workdir = Path(workdir or tempfile.mkdtemp(prefix="mergekit_mllm_bench_"))
     workdir.mkdir(parents=True, exist_ok=True)
     name = save_as or f"merge_{device.type}{'_quick' if quick else ''}"
-    data: Dict[str, Any] = {"section": "merge", "environment": environment(device), "experts": EXPERTS, "quick": quick}
+    data: Dict[str, Any] = {"section": "merge", "environment": environment(device), "experts": EXPERTS, "quick": quick,
+                            "repeat": repeat}
     try:
         families: Dict[str, Dict[str, Any]] = {}
         checkpoints = {}
@@ -357,32 +363,35 @@ def run(
         data["interpreter"] = interpreter_rss(workdir)
         data["warm_up"] = warm_up(runs, families, workdir, device, log)
         data["runs"] = []
-        for merge_run in runs:
-            with log_progress(f"merge {merge_run.checkpoint.name}: {merge_run.label}", log):
-                result = merge_once(merge_run, families[merge_run.checkpoint.name], workdir, device)
-            if result["compiled"]:  # not what a merge costs once the kernels are cached: measure again
-                log("    it compiled a kernel (inductor's cache grew); measuring again")
-                discarded = result
-                result = merge_once(merge_run, families[merge_run.checkpoint.name], workdir, device)
-                result["discarded_compiling_run"] = {key: discarded[key] for key in ("seconds", "peak_anon_bytes")}
-            result.update(
-                {
-                    "method": merge_run.method,
-                    "label": merge_run.label,
-                    "checkpoint": merge_run.checkpoint.name,
-                    "out_shard_size": merge_run.out_shard_size,
-                    "load_average": os.getloadavg(),
-                }
-            )
-            bound = checkpoints[merge_run.checkpoint.name]["rss_bound_bytes"]
-            result["within_rss_bound"] = result["peak_anon_bytes"] <= bound
-            log(
-                f"    {result['seconds']:.1f}s, peak anonymous RSS {result['peak_anon_bytes'] / GIB:.2f} GiB "
-                f"(bound {bound / GIB:.2f} GiB), peak total RSS {result['peak_rss_bytes'] / GIB:.2f} GiB, "
-                f"exit {result['returncode']}"
-            )
-            data["runs"].append(result)
-            save_json(name, data)
+        for round_index in range(repeat):
+            for merge_run in runs:
+                label = f"merge {merge_run.checkpoint.name}: {merge_run.label}"
+                with log_progress(label if repeat == 1 else f"{label} (round {round_index + 1}/{repeat})", log):
+                    result = merge_once(merge_run, families[merge_run.checkpoint.name], workdir, device)
+                if result["compiled"]:  # not what a merge costs once the kernels are cached: measure again
+                    log("    it compiled a kernel (inductor's cache grew); measuring again")
+                    discarded = result
+                    result = merge_once(merge_run, families[merge_run.checkpoint.name], workdir, device)
+                    result["discarded_compiling_run"] = {key: discarded[key] for key in ("seconds", "peak_anon_bytes")}
+                result.update(
+                    {
+                        "method": merge_run.method,
+                        "label": merge_run.label,
+                        "checkpoint": merge_run.checkpoint.name,
+                        "out_shard_size": merge_run.out_shard_size,
+                        "load_average": os.getloadavg(),
+                        "round": round_index,
+                    }
+                )
+                bound = checkpoints[merge_run.checkpoint.name]["rss_bound_bytes"]
+                result["within_rss_bound"] = result["peak_anon_bytes"] <= bound
+                log(
+                    f"    {result['seconds']:.1f}s, peak anonymous RSS {result['peak_anon_bytes'] / GIB:.2f} GiB "
+                    f"(bound {bound / GIB:.2f} GiB), peak total RSS {result['peak_rss_bytes'] / GIB:.2f} GiB, "
+                    f"exit {result['returncode']}"
+                )
+                data["runs"].append(result)
+                save_json(name, data)
     finally:
         if owned:
             shutil.rmtree(workdir, ignore_errors=True)

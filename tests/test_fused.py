@@ -410,9 +410,10 @@ def test_aot_ties_fix_up_equals_dense(aot, retrimmed, monkeypatch):
                                rtol=0, atol=0)
 
 
-def test_aot_package_is_built_once_per_machine(aot, monkeypatch, tmp_path):
+def test_aot_package_is_built_once_per_machine(aot, monkeypatch, tmp_path, capsys):
     """A variant's package is built once into the cache (no temporary left behind), reused by a
-    later process, and the merging process then never imports dynamo or inductor."""
+    later process, and the merging process then never imports dynamo or inductor; a damaged
+    package is built again."""
     monkeypatch.setenv("MERGEKIT_MLLM_KERNEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(fused, "_kernels", {})
     base, experts = inputs((40, 30), 3, torch.bfloat16, seed=4)
@@ -443,6 +444,14 @@ print(sorted(m for m in ("torch._dynamo", "torch._inductor") if m in sys.modules
     assert "compiling" not in result.stderr
     torch.testing.assert_close(torch.load(tmp_path / "got.pt"), want, rtol=0, atol=0)
     assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == files
+    # a damaged package (a full disk, a killed copy) is built again, once, with a note
+    package = tmp_path / "cache" / files[1]
+    package.write_bytes(package.read_bytes()[:1000])
+    monkeypatch.setattr(fused, "_kernels", {})
+    got = streaming.merge("weight_average", base, experts, [1.0] * 3, scale=0.5, dtype=torch.float32, chunk=500)
+    assert aot == ["sum", "sum"] and fused._failed is None
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert "could not be loaded" in capsys.readouterr().err
 
 
 def test_aot_cache_lives_in_inductors_cache_directory(monkeypatch, tmp_path):

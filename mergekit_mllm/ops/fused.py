@@ -434,13 +434,25 @@ class _AotKernel:
         return pytree.tree_unflatten(loader.run(tensors), out_spec)
 
     def _load(self, key: str, args) -> tuple:
-        from torch.utils import _pytree as pytree
-
         digest = hashlib.sha256((key + _machine_identity()).encode()).hexdigest()[:24]
         path = cache_root() / f"{self.name}-{digest}.pt2"
         spec_path = path.with_suffix(".json")
         if not (path.exists() and spec_path.exists()):
             self._build(args, path, spec_path)
+        try:
+            return self._open(path, spec_path)
+        except Exception as error:  # a damaged package (e.g. a full disk): rebuild it once
+            print(f"mergekit-mllm: the cached kernel package {path} could not be loaded "
+                  f"({type(error).__name__}); building it again", file=sys.stderr)
+            for stale in (path, spec_path):
+                stale.unlink(missing_ok=True)
+            self._build(args, path, spec_path)
+            return self._open(path, spec_path)
+
+    @staticmethod
+    def _open(path: Path, spec_path: Path) -> tuple:
+        from torch.utils import _pytree as pytree
+
         loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
         out_spec = pytree.treespec_loads(json.loads(spec_path.read_text())["out_spec"])
         return loader, out_spec

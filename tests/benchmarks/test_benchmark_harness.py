@@ -196,3 +196,40 @@ def test_a_timed_merge_that_compiled_is_measured_again(monkeypatch, tmp_path):
     (result,) = data["runs"]
     assert len(calls) == 2 and result["seconds"] == 20.0 and not result["compiled"]
     assert result["discarded_compiling_run"]["seconds"] == 10.0
+
+
+def test_repeated_merges_run_in_rounds_and_the_report_keeps_the_fastest(monkeypatch, tmp_path):
+    """``--repeat 3``: every run once per round (interleaved), each result tagged with its round;
+    the report gives one row per run with its fastest time (the ratio's numerator and, for
+    task_arithmetic, its denominator), its largest peak RSS, and every time."""
+    times = iter([10.0, 13.0, 9.0, 12.5, 11.0, 12.0])  # (TA, TIES) × 3 rounds
+    order = []
+
+    def once(run, family, workdir, device):
+        order.append(run.method)
+        return {"seconds": next(times), "peak_anon_bytes": (2 if run.method == "ties_merging" and len(order) == 4 else 1) * GIB,
+                "peak_rss_bytes": 3 * GIB, "returncode": 0, "compiled": False}
+
+    monkeypatch.setattr(whole_merge, "merge_once", once)
+    monkeypatch.setattr(whole_merge, "build_family", lambda spec, root: {"base": tmp_path, "experts": [tmp_path]})
+    monkeypatch.setattr(whole_merge, "largest_tensor_bytes", lambda directory: ("w", GIB // 4))
+    monkeypatch.setattr(whole_merge, "checkpoint_bytes", lambda directory: 0)
+    monkeypatch.setattr(whole_merge, "interpreter_rss", lambda log_dir: {})
+    monkeypatch.setattr(whole_merge, "warm_up", lambda *args, **kwargs: [])
+    saved = {}
+    monkeypatch.setattr(whole_merge, "save_json", lambda name, data: saved.update({name: data}))
+    runs = [whole_merge.MergeRun("task_arithmetic", whole_merge.QUICK, {"weight": 1.0}),
+            whole_merge.MergeRun("ties_merging", whole_merge.QUICK)]
+    data = whole_merge.run(torch.device("cpu"), workdir=tmp_path, runs=runs, log=lambda _: None, repeat=3)
+    assert order == ["task_arithmetic", "ties_merging"] * 3
+    assert [r["round"] for r in data["runs"]] == [0, 0, 1, 1, 2, 2] and data["repeat"] == 3
+    with pytest.raises(ValueError, match="repeat must be at least 1"):
+        whole_merge.run(torch.device("cpu"), workdir=tmp_path, runs=runs, log=lambda _: None, repeat=0)
+    from benchmarks.report import _merge_section
+
+    data["checkpoints"]["quick"]["spec"] = {"layers": 2, "hidden": 8, "intermediate": 16, "vocab": 10,
+                                            "dtype": "bfloat16"}
+    text = "\n".join(_merge_section(data))
+    assert "measured in 3 interleaved rounds" in text
+    assert "| task_arithmetic | 9.0 s | 1.0× | 1.00 GiB | yes | 3.00 GiB | 0 | 10.0 s, 9.0 s, 11.0 s |" in text
+    assert "| ties_merging | 12.0 s | 1.3× | 2.00 GiB | yes | 3.00 GiB | 0 | 13.0 s, 12.5 s, 12.0 s |" in text
