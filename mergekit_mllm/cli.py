@@ -130,7 +130,8 @@ def doctor_report() -> dict:
 
 
 def _fused_kernels_status() -> str:
-    """Whether element-wise methods can use the torch.compile kernels (mergekit_mllm.ops.fused)."""
+    """Whether element-wise methods can use the fused kernels (mergekit_mllm.ops.fused), and how
+    they are compiled."""
     import os
     import shutil
 
@@ -138,6 +139,7 @@ def _fused_kernels_status() -> str:
 
     try:
         mode = fused.mode()
+        backend = fused.backend()
     except ValueError as error:
         return f"invalid setting: {error}"
     if mode == "off":
@@ -147,7 +149,9 @@ def _fused_kernels_status() -> str:
     if compiler is None:
         return f"{mode}, but no C++ compiler found ({', '.join(candidates)}): element-wise methods run eagerly"
     scope = "every CPU tensor" if mode == "on" else f"CPU tensors of >= {fused.MIN_ELEMENTS:,} entries"
-    return f"{mode}: {scope} (C++ compiler {compiler})"
+    how = (f"ahead-of-time packages in {fused.cache_root()}" if backend == "aot"
+           else "torch.compile in each process (MERGEKIT_MLLM_COMPILE_BACKEND=jit)")
+    return f"{mode}: {scope} (C++ compiler {compiler}; {how})"
 
 
 @click.command("doctor")

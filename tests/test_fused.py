@@ -476,3 +476,21 @@ def test_compile_backend_is_validated(monkeypatch):
         fused.kernel("sum")
     monkeypatch.delenv("MERGEKIT_MLLM_COMPILE_BACKEND")
     assert fused.backend() == "aot"
+
+
+def test_doctor_reports_how_the_kernels_are_compiled(monkeypatch, tmp_path):
+    import shutil as shutil_module
+
+    from mergekit_mllm.cli import _fused_kernels_status
+
+    if shutil_module.which("g++") is None and shutil_module.which("c++") is None:
+        pytest.skip("no C++ compiler on this machine")
+    monkeypatch.delenv("MERGEKIT_MLLM_COMPILE", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("MERGEKIT_MLLM_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("MERGEKIT_MLLM_COMPILE_BACKEND", "aot")
+    assert _fused_kernels_status().endswith(f"; ahead-of-time packages in {tmp_path})")
+    monkeypatch.setenv("MERGEKIT_MLLM_COMPILE_BACKEND", "jit")
+    assert _fused_kernels_status().endswith("; torch.compile in each process (MERGEKIT_MLLM_COMPILE_BACKEND=jit))")
+    monkeypatch.setenv("MERGEKIT_MLLM_COMPILE_BACKEND", "later")
+    assert _fused_kernels_status().startswith("invalid setting: MERGEKIT_MLLM_COMPILE_BACKEND='later'")

@@ -40,9 +40,9 @@ order per entry; DARE masks come from the counter-based generator of
 any chunking, and any subset of positions, sees the same mask; entries recomputed
 after a fused pass go through the same float32 operations as the eager chunks).
 
-On the CPU, large tensors run each pass as one fused ``torch.compile`` kernel
-(:mod:`mergekit_mllm.ops.fused`, same expressions; eager fallback when compiling
-fails).
+On the CPU, large tensors run each pass as one fused inductor kernel
+(:mod:`mergekit_mllm.ops.fused`: ahead-of-time packages or ``torch.compile``, same
+expressions; eager fallback when compiling fails).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class _Inputs:
         self.weights = [float(w) for w in weights]
         self.n = self.base.numel()
         self.count = len(self.experts)
-        #: run the fused (torch.compile) chunk kernels of mergekit_mllm.ops.fused
+        #: run the fused (inductor-compiled) chunk kernels of mergekit_mllm.ops.fused
         self.fused = fused.wanted(self.n, base.device, dtype)
         if chunk is None:
             chunk = (fused.CHUNK if self.fused else CPU_CHUNK) if base.device.type == "cpu" else self.n
@@ -191,7 +191,7 @@ def _chunks(inputs: _Inputs, dare: Optional[_Dare], check: bool = True):
 
 
 class _FusedUnavailable(Exception):
-    """torch.compile failed; the caller reruns the method eagerly."""
+    """Compiling or loading a fused kernel failed; the caller reruns the method eagerly."""
 
 
 class _Fused:
