@@ -613,10 +613,6 @@ def _ties_fused_pass(kernel: "_Fused", out, name, rank, keep_all, bracket: _Brac
     counts = counts.view(inputs.count, 4)  # |τᵢ| < lower, < t̂, ≤ t̂, ≤ upper
     positions, words = flagged.values(), [buffer.values() for buffer in flag_words]
 
-    def select(keep) -> torch.Tensor:
-        """The flat positions of the flagged entries whose flag words pass ``keep`` (ascending)."""
-        return positions[keep(words)]
-
     def blocks(positions: torch.Tensor):
         """``positions`` in blocks of FIX_BLOCK entries: the fix-up holds a few MiB, not a copy of the tensor."""
         for begin in range(0, positions.numel(), FIX_BLOCK):
@@ -641,14 +637,12 @@ def _ties_fused_pass(kernel: "_Fused", out, name, rank, keep_all, bracket: _Brac
                 code = 3 if rank <= at_most_upper else 4
                 unresolved[index] = (code, 3, code)
     redo = torch.empty(0, dtype=torch.int64, device=device)
+    redo_flagged = None  # which flagged entries are redone (a mask over ``positions``)
     if unresolved:
-        def relevant(words):
-            mask = None
-            for index, (_, first, last) in unresolved.items():
-                inside = _flag_code_in(words, index, first, last)
-                mask = inside if mask is None else mask.logical_or_(inside)
-            return mask
-        redo = select(relevant)
+        for index, (_, first, last) in unresolved.items():
+            inside = _flag_code_in(words, index, first, last)
+            redo_flagged = inside if redo_flagged is None else redo_flagged.logical_or_(inside)
+        redo = positions[redo_flagged]
 
     # the exact thresholds: the sub-interval's values, ranked after the entries below it
     ranges = {1: (bracket.low, bracket.lower, False), 2: (bracket.lower, estimate, False),
@@ -693,9 +687,11 @@ def _ties_fused_pass(kernel: "_Fused", out, name, rank, keep_all, bracket: _Brac
         out[block] = result
         still_undecided.append(block[undecided])
     if sign_total > 0:  # entries whose trimmed sum is 0 take the positive majority's sign
-        undecided = select(lambda words: torch.bitwise_and(words[0], 1).bool())
-        if redo.numel():
-            undecided = torch.cat([undecided[~torch.isin(undecided, redo)], *still_undecided])
+        undecided = torch.bitwise_and(words[0], 1).bool()
+        if redo_flagged is not None:  # the re-trim decided those afresh (``still_undecided``)
+            undecided = torch.cat([positions[undecided.logical_and_(~redo_flagged)], *still_undecided])
+        else:
+            undecided = positions[undecided]
         for block in blocks(undecided):
             base_at, vectors = kernel.vectors_at(block)
             out[block] = _positive_majority_entries(base_at, vectors, threshold, keep_all, scale).to(out.dtype)
