@@ -102,7 +102,20 @@ def merge(method: str, lam: float, base: Dict[str, torch.Tensor], experts: Dict[
 def run_seed(out: Path, size: str, seed: int, *, methods: Sequence[str], lambdas: Sequence[float],
              val_items: int, test_items: int, threads: int, log: Callable[[str], None],
              size_overrides: Optional[dict] = None) -> Dict[str, object]:
+    """One seed's family and study, with torch using ``threads`` threads meanwhile (restored after:
+    a caller's later work, e.g. a kernel variant keyed by the thread count, is not affected)."""
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _run_seed(out, size, seed, methods=methods, lambdas=lambdas, val_items=val_items,
+                         test_items=test_items, threads=threads, log=log, size_overrides=size_overrides)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_seed(out: Path, size: str, seed: int, *, methods: Sequence[str], lambdas: Sequence[float],
+              val_items: int, test_items: int, threads: int, log: Callable[[str], None],
+              size_overrides: Optional[dict] = None) -> Dict[str, object]:
     family_dir = out / f"seed{seed}"
     manifest = build_family(family_dir, size, seed, threads=threads, log=log, size_overrides=size_overrides)
     settings = {"family_key": manifest["key"], "methods": list(methods), "lambdas": list(lambdas),

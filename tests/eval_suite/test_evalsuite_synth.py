@@ -206,9 +206,11 @@ def test_study_end_to_end_on_smoke_families(tmp_path):
 
     out = tmp_path / "study"
     report = tmp_path / "SYNTH_RESULTS.md"
+    threads = torch.get_num_threads()
     kwargs = dict(size="smoke", seeds=(0, 1), methods=["weight_average", "ties_merging"], lambdas=(0.5, 1.0),
-                  val_items=2, test_items=3, threads=1, log=lambda m: None)
+                  val_items=2, test_items=3, threads=threads + 1, log=lambda m: None)
     results = study.run_study(out, report=str(report), command="python -m eval_suite synth study …", **kwargs)
+    assert torch.get_num_threads() == threads  # the study's thread count does not leak to the caller
     assert [r["seed"] for r in results] == [0, 1]
     rows = {r["name"]: r for r in results[0]["rows"]}
     assert set(rows) == {"base", *(f"expert:{e}" for e in study.EXPERTS), "weight_average", "ties_merging"}
