@@ -397,6 +397,18 @@ def _flatten(args):
     return leaves, spec, positions
 
 
+def _signature(value, dynamic: bool, tensors: list):
+    """A hashable signature of one kernel argument (appending its tensors to ``tensors`` in the
+    order of :func:`_flatten`'s leaves): dtype, rank, device and, unless ``dynamic``, shape per
+    tensor; the structure and the values of everything else (typed: True is not 1.0)."""
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return (value.dtype, value.dim(), value.device, None if dynamic else tuple(value.shape))
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(_signature(item, dynamic, tensors) for item in value))
+    return (type(value), value)
+
+
 class _AotKernel:
     """Kernel ``name`` through ahead-of-time inductor packages (``torch._inductor.aoti_compile_and_package``).
 
@@ -412,26 +424,33 @@ class _AotKernel:
     def __init__(self, name: str):
         self.name = name
         self.dynamic = _DYNAMIC[name]
-        self.variants: Dict[str, tuple] = {}
+        self.variants: Dict[tuple, tuple] = {}
 
     def __call__(self, *args):
         from torch.utils import _pytree as pytree
 
+        # per call (a hot path: one call per chunk) only a hashable signature is built; the
+        # package's cache key is derived from the arguments once per variant and process
+        tensors: list = []
+        signature = (tuple(_signature(argument, position in self.dynamic, tensors)
+                           for position, argument in enumerate(args)), torch.get_num_threads())
+        variant = self.variants.get(signature)
+        if variant is None:
+            variant = self.variants[signature] = self._load(self._key(args), args)
+        loader, out_spec = variant
+        return pytree.tree_unflatten(loader.run(tensors), out_spec)
+
+    def _key(self, args) -> str:
+        """The variant's cache key (see the class docstring), from the arguments' leaves in order."""
         leaves, spec, positions = _flatten(args)
-        tensors, kinds = [], []
+        kinds = []
         for leaf, position in zip(leaves, positions):
             if isinstance(leaf, torch.Tensor):
                 dynamic = position in self.dynamic
                 kinds.append((str(leaf.dtype), leaf.dim(), None if dynamic else list(leaf.shape), str(leaf.device)))
-                tensors.append(leaf)
             else:
                 kinds.append(repr(leaf))
-        key = json.dumps([self.name, str(spec), kinds, torch.get_num_threads()])
-        variant = self.variants.get(key)
-        if variant is None:
-            variant = self.variants[key] = self._load(key, args)
-        loader, out_spec = variant
-        return pytree.tree_unflatten(loader.run(tensors), out_spec)
+        return json.dumps([self.name, str(spec), kinds, torch.get_num_threads()])
 
     def _load(self, key: str, args) -> tuple:
         digest = hashlib.sha256((key + _machine_identity()).encode()).hexdigest()[:24]
