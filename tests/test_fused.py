@@ -410,6 +410,23 @@ def test_aot_ties_fix_up_equals_dense(aot, retrimmed, monkeypatch):
                                rtol=0, atol=0)
 
 
+def test_aot_kernel_reads_strided_arguments_as_their_values(aot):
+    """A package indexes its inputs as exported (contiguous); a strided view (a column of a matrix,
+    as the bracket's statistics once were) is passed as its values, not read past them."""
+    base, experts = inputs((40, 30), 3, torch.bfloat16, seed=4)
+    table = torch.tensor([[1.0, 9.0], [0.5, 9.0], [-0.7, 9.0]])
+    strided = table[:, 0]
+    assert not strided.is_contiguous()
+
+    def arguments(weights):
+        return (base.reshape(-1), [e.reshape(-1) for e in experts], weights, None, torch.tensor(0.0),
+                torch.tensor(1.0), torch.tensor(0.5), True, torch.bfloat16)
+
+    got = fused.kernel("sum")(*arguments(strided))[0]
+    want = fused._sum_kernel(*arguments(strided.contiguous()))[0]  # the source function, eagerly
+    assert torch.equal(got, want)
+
+
 def test_aot_package_is_built_once_per_machine(aot, monkeypatch, tmp_path, capsys):
     """A variant's package is built once into the cache (no temporary left behind), reused by a
     later process, and the merging process then never imports dynamo or inductor; a damaged

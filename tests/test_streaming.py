@@ -178,25 +178,32 @@ def test_growable_buffer_keeps_order_across_growth():
     assert torch.equal(buffer.values(), torch.cat(pieces))
 
 
-@pytest.mark.parametrize("case", ["continuous", "ties", "zeros", "inverted"])
+@pytest.mark.parametrize("case", ["continuous", "ties", "zeros", "tie group inside", "float64"])
 def test_order_statistics_equal_a_full_sort(case):
-    """The bracket's order statistics (two selections and a sort of the window between them, or
-    selections when ties make the window large) equal the entries of the fully sorted sample."""
+    """The bracket's order statistics (a radix histogram, then a sort of the bins between the first
+    and the last rank, or a selection within a bin when a tie group makes that window large) equal
+    the entries of the fully sorted sample, row by row (rows of different kinds in one call)."""
     g = torch.Generator().manual_seed(7)
-    sample = torch.randn(20000, generator=g).abs()
+    samples = torch.randn(4, 20000, generator=g).abs()
+    ranks = [15700, 15800, 16000, 16200, 16300]  # the bracket's: a narrow window near the 80 % quantile
+    samples[1, :6000] = samples[1].sort().values[15900]  # a tie group larger than the window's limit
     if case == "ties":
-        sample = (sample * 8).round() / 8  # a few dozen values
-    if case == "zeros":
-        sample[:15000] = 0
-    first, last = {"inverted": (16300, 15700), "zeros": (14000, 16300)}.get(case, (15700, 16300))
-    ranks = (16000, 15800, 16200, 15000)  # the last outside first … last: a selection of its own
+        samples[0] = (samples[0] * 64).round() / 64
+    if case == "zeros":  # row 0's ranks lie above a group of zeros, row 2's partly in it (a large window)
+        samples[0, :15000] = 0
+        samples[2, :16100] = 0
+    if case == "tie group inside":  # a tie group at one rank inside the window, below the limit
+        samples[0, :3000] = samples[0].sort().values[16000]
+    if case == "float64":
+        samples = samples.double()
     selections = []
     kthvalue = torch.Tensor.kthvalue
     with unittest.mock.patch.object(torch.Tensor, "kthvalue", lambda self, k: selections.append(k) or kthvalue(self, k)):
-        got = streaming._order_statistics(sample, first, last, ranks)
-    # two selections, one more for a rank outside; all of them when the window is large (zeros) or inverted
-    assert len(selections) == (6 if case in ("zeros", "inverted") else 3)
-    ordered = sample.sort().values
-    assert set(got) == {first, last, *ranks}
-    for rank, value in got.items():
-        assert value == ordered[rank], rank
+        got = streaming._order_statistics(samples, ranks)
+    assert got.shape == (4, len(ranks)) and got.dtype == samples.dtype
+    assert torch.equal(got, samples.sort(dim=1).values[:, ranks])
+    # a selection per rank only in rows with a large window (row 1, and row 2 with zeros); float64 selects all
+    assert len(selections) == {"float64": 4, "zeros": 2}.get(case, 1) * len(ranks)
+    # ranks spread over the whole sample: every row's window is large
+    wide = [0, 1, 9999, 19998, 19999]
+    assert torch.equal(streaming._order_statistics(samples, wide), samples.sort(dim=1).values[:, wide])

@@ -438,6 +438,9 @@ class _AotKernel:
         if variant is None:
             variant = self.variants[signature] = self._load(self._key(args), args)
         loader, out_spec = variant
+        # the package indexes its inputs as exported (contiguous): a strided view, e.g. a column
+        # of a matrix, would be read as if it were contiguous, silently wrong
+        tensors = [tensor if tensor.is_contiguous() else tensor.contiguous() for tensor in tensors]
         return pytree.tree_unflatten(loader.run(tensors), out_spec)
 
     def _key(self, args) -> str:
