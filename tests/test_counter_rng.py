@@ -89,3 +89,18 @@ def test_uniforms_are_uniform_on_the_grid():
     expected = u.numel() / 16
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 50  # 15 degrees of freedom: p ≈ 1e-5
+
+
+@pytest.mark.parametrize("drop_rate", [0.0, 0.1, 0.3, 1 / 3, 0.5, 0.9, 3 * 2.0 ** -24, 1 - 2.0 ** -24, 0.123456789])
+def test_integer_keep_test_is_the_uniform_keep_test(drop_rate):
+    """The fused kernels keep where ``bits24 >= keep_threshold(p)``; the eager code where
+    ``uniform >= p``. Equal on every 24-bit value near the threshold and on a million draws."""
+    threshold = counter_rng.keep_threshold(drop_rate)
+    bits = torch.arange(max(0, threshold - 3), min(1 << 24, threshold + 4), dtype=torch.int32)
+    near = bits.to(torch.float32) * 2.0 ** -24
+    assert torch.equal(bits >= threshold, near >= drop_rate)
+    key = counter_rng.expert_key(5, "t", 1)
+    counters = torch.arange(1 << 20, dtype=torch.int32)
+    drawn = counter_rng.bits24(counters, *key)
+    assert torch.equal(drawn >= threshold, counter_rng.uniform(counters, *key) >= drop_rate)
+    assert torch.equal(counter_rng.uniform(counters, *key), drawn.to(torch.float32) * 2.0 ** -24)

@@ -26,6 +26,7 @@ modulo 2³², and right shifts are made logical with a mask.
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -58,12 +59,24 @@ def lowbias32(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shift_right(x, 16)
 
 
+def bits24(lo: torch.Tensor, k1, k2) -> torch.Tensor:
+    """``h >> 8`` (int32 in ``0 … 2²⁴−1``) for int32 counters ``lo`` (< 2³¹) with keys ``k1`` and
+    ``k2`` (int32 tensors or ints; ``k2`` already holds the ``hi·0x9E3779B9`` term, see
+    :func:`span_keys`). Traceable: the fused kernels call this same function."""
+    return _shift_right(lowbias32(lowbias32(lo ^ k1) + k2), 8)
+
+
 def uniform(lo: torch.Tensor, k1, k2) -> torch.Tensor:
-    """float32 uniforms for int32 counters ``lo`` (< 2³¹) with keys ``k1`` and ``k2`` (int32 tensors
-    or ints; ``k2`` already holds the ``hi·0x9E3779B9`` term, see :func:`span_keys`).
-    Traceable: the fused kernels call this same function."""
-    h = lowbias32(lowbias32(lo ^ k1) + k2)
-    return _shift_right(h, 8).to(torch.float32) * _SCALE
+    """float32 uniforms ``bits24 · 2⁻²⁴`` (exact) for counters ``lo`` with keys ``k1``, ``k2``."""
+    return bits24(lo, k1, k2).to(torch.float32) * _SCALE
+
+
+def keep_threshold(drop_rate: float) -> int:
+    """The integer form of the keep test: ``uniform >= drop_rate`` (compared in float32, as torch
+    compares a float32 tensor with a Python float) is exactly ``bits24 >= keep_threshold(drop_rate)``,
+    because ``uniform`` is ``bits24·2⁻²⁴`` exactly. The fused kernels test the integers: no
+    conversion and multiply per entry and expert."""
+    return math.ceil(float(torch.tensor(drop_rate, dtype=torch.float32)) * (1 << 24))
 
 
 def expert_key(seed: int, tensor_name: Optional[str], expert_index: int) -> Tuple[int, int]:

@@ -204,7 +204,8 @@ class _Fused:
         f32 = dict(dtype=torch.float32, device=inputs.base.device)
         self.weights = torch.tensor(inputs.weights, **f32)
         rate = self.dare.drop_rate if self.dare is not None else 0.0
-        self.drop = torch.tensor(rate, **f32)
+        # the keep test's integer form (counter_rng.keep_threshold): exactly the eager ``u >= rate``
+        self.drop = torch.tensor(counter_rng.keep_threshold(rate), dtype=torch.int32, device=inputs.base.device)
         self.keep_divisor = torch.tensor(1.0 - rate, **f32)
         self.scale = torch.tensor(scale, **f32)
         self.scale_value = scale  # for the eager fix-up operations
@@ -625,7 +626,7 @@ def _ties_fused_pass(kernel: "_Fused", out, name, rank, keep_all, bracket: _Brac
         kernel.check_inputs(finite_inputs, start, stop)
         if not bool(finite_result):
             raise FloatingPointError(name)
-        sign_total += int(signs)  # float32 sums of ±1 and of 0/1 over ≤ 2^24 entries: exact
+        sign_total += int(signs)
         counts += counts_here.to(torch.int64)
         any_flag = words[0] if len(words) == 1 else torch.stack(words).ne(0).any(dim=0)
         here = any_flag.nonzero().squeeze(1)
