@@ -125,6 +125,37 @@ def test_zero_sum_entries_take_the_majority_sign(majority):
     assert got[7] == (0.25 if majority > 0 else -0.25)
 
 
+@pytest.mark.parametrize("method,params", [CASES[1], CASES[5]])
+def test_small_tensors_run_ties_densely(method, params, monkeypatch):
+    """TIES on a tensor of at most DENSE_MAX entries runs through the dense kernels in one piece
+    (the streaming passes' fixed costs dominate there): the same numbers as the streaming passes,
+    and non-finite inputs and results are still refused by name."""
+    dense_calls = []
+    original = streaming._merge_dense
+    monkeypatch.setattr(streaming, "_merge_dense", lambda *a, **k: dense_calls.append(a[0]) or original(*a, **k))
+    base, experts = inputs((63, 41), 4, torch.bfloat16, seed=3)
+    weights = [1.0, 0.5, -0.7, 1.3]
+    run = dict(scale=0.7, dtype=torch.float32, tensor_name=NAME, **params)
+    got = streaming.merge(method, base, experts, weights, **run)
+    assert dense_calls == [method]
+    streamed = streaming.merge(method, base, experts, weights, chunk=500, **run)
+    assert dense_calls == [method]  # an explicit chunk streams
+    assert got.dtype == base.dtype and got.shape == base.shape
+    torch.testing.assert_close(got, streamed, rtol=0, atol=0)
+    monkeypatch.setattr(streaming, "DENSE_MAX", base.numel() - 1)
+    torch.testing.assert_close(streaming.merge(method, base, experts, weights, **run), got, rtol=0, atol=0)
+    assert dense_calls == [method]  # above the limit: streamed
+    monkeypatch.setattr(streaming, "DENSE_MAX", base.numel())
+    for bad in (-1, 2):
+        tensors = [base.clone()] + [e.clone() for e in experts]
+        tensors[bad + 1][5, 7] = float("inf")
+        with pytest.raises(streaming.NonFiniteInput) as error:
+            streaming.merge(method, tensors[0], tensors[1:], weights, **run)
+        assert error.value.index == bad
+    with pytest.raises(FloatingPointError):
+        streaming.merge(method, base.float(), [e.float() for e in experts], weights, **{**run, "scale": 1e39})
+
+
 def test_dare_masks_do_not_depend_on_chunking():
     base, experts = inputs((30, 30), 2, torch.float32, seed=7)
     outs = [streaming.merge("dare_task_arithmetic", base, experts, [1.0, 1.0], scale=1.0, dtype=torch.float32,
