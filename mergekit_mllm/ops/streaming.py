@@ -47,6 +47,7 @@ expressions; eager fallback when compiling fails).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -334,12 +335,15 @@ class _Growable:
         return self.buffer[: self.size]
 
 
-def _sample_positions(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+@functools.lru_cache(maxsize=32)
+def _sample_positions(n: int, size: int) -> torch.Tensor:
     """``size`` flat positions, one uniformly at random in each of ``size`` equal strata of ``0…n−1``:
     ascending (a cache-friendly gather) and unbiased (a plain stride aliases with the row and
-    column structure of low-rank task vectors)."""
+    column structure of low-rank task vectors). Deterministic (seed 0) and so cached: a model's
+    layers repeat a few shapes (callers only read the tensor)."""
     if size >= n:
         return torch.arange(n)
+    generator = torch.Generator().manual_seed(0)
     offsets = torch.rand(size, dtype=torch.float64, generator=generator)
     positions = ((torch.arange(size, dtype=torch.float64) + offsets) * (n / size)).long()
     return positions.clamp_(max=n - 1)
@@ -364,8 +368,7 @@ def _bracket(inputs: _Inputs, rank: int, dare: Optional[_Dare], vectors_at: Opti
     bracket's ends (the fused pass also counts there, to narrow the fix-up)."""
     n = inputs.n
     device = inputs.base.device
-    generator = torch.Generator().manual_seed(0)  # deterministic
-    positions = _sample_positions(n, _sample_size(n), generator).to(device)
+    positions = _sample_positions(n, _sample_size(n)).to(device)
     # with the entries' own DARE masks (``vectors_at``: the fused gather, same numbers)
     _, vectors = vectors_at(positions) if vectors_at is not None else inputs.vectors_at(positions, dare)
     m = positions.numel()
