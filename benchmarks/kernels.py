@@ -219,6 +219,7 @@ def remeasure_elementwise(device: torch.device, *, save_as: Optional[str] = None
         entry["elementwise_environment"] = environment(device)
         entry["elementwise_environment"]["load_average"] = os.getloadavg()
         entry["elementwise_environment"]["fused_min_elements"] = fused.MIN_ELEMENTS
+        entry["elementwise_environment"]["compile_backend"] = fused.backend()
         del vectors, base
         gc.collect()
         save_json(name, data)

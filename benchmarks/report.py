@@ -189,8 +189,10 @@ def _elementwise_kernel(data: Dict[str, Any]) -> List[str]:
         lines.append(f"| {_shape(entry)} | {entry['experts']} | " + " | ".join(cells) + " |")
     env = next((e.get("elementwise_environment") for e in data["entries"] if e.get("elementwise_environment")), None)
     if env:
-        lines += ["", f"(element-wise rows re-timed with the streaming kernels, fused with torch.compile for tensors of "
-                  f"≥ {env.get('fused_min_elements', 1 << 22):,} entries (`mergekit_mllm/ops/fused.py`, inductor cache warm): torch threads "
+        backend = {"aot": "ahead-of-time inductor packages", "jit": "torch.compile"}.get(
+            env.get("compile_backend"), "torch.compile or ahead-of-time packages")
+        lines += ["", f"(element-wise rows re-timed with the streaming kernels, fused ({backend}) for tensors of "
+                  f"≥ {env.get('fused_min_elements', 1 << 22):,} entries (`mergekit_mllm/ops/fused.py`, kernels built): torch threads "
                   f"{env.get('torch_threads')}, load average {', '.join(f'{x:.1f}' for x in env.get('load_average', []))}; "
                   "task_arithmetic is the faster of a run before and after the others)"]
     return lines

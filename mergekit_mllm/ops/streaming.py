@@ -29,10 +29,13 @@ output once:
     tensor) and selects the exact threshold from them, then a second pass merges.
 
   Either way a missed bracket falls back to the exact ``kthvalue`` (and, fused, a
-  repeated pass). The elected sign needs the global majority sign only for entries
-  whose trimmed sum is exactly zero but non-empty; those entries (a few per cent
-  of a quantised bfloat16 tensor, where ±1 ulp often cancel) are recorded and
-  fixed after the pass if the majority turns out positive.
+  repeated pass). The sample's order statistics come from a radix histogram (see
+  :func:`_order_statistics`). The elected sign needs the global majority sign only
+  for entries whose trimmed sum is exactly zero but non-empty; those entries (a few
+  per cent of a quantised bfloat16 tensor, where ±1 ulp often cancel) are recorded
+  and fixed after the pass if the majority turns out positive.
+* Tensors of at most :data:`DENSE_MAX` entries (norms, biases) skip all this for
+  TIES: the dense kernels in one piece are faster there.
 
 Results are identical to the dense kernels (same float32 operations in the same
 order per entry; DARE masks come from the counter-based generator of
@@ -768,8 +771,9 @@ def merge(method: str, base: torch.Tensor, experts: Sequence[torch.Tensor], weig
 
 def _merge_dense(method: str, inputs: _Inputs, *, scale: float, name: str, density: float, drop_rate: float,
                  seed: int, tensor_name: Optional[str]) -> torch.Tensor:
-    """A small tensor in one piece: the dense kernels on the stacked task vectors (the
-    definition the streaming passes reproduce bit for bit), with the same input and result checks."""
+    """TIES (with DARE) on a small tensor in one piece (see :data:`DENSE_MAX`): the dense kernels on
+    the stacked task vectors (the definition the streaming passes reproduce bit for bit), with the
+    same input and result checks."""
     base = inputs.base.to(inputs.dtype)
     if not bool(torch.isfinite(base).all()):
         raise NonFiniteInput(-1)
@@ -780,15 +784,11 @@ def _merge_dense(method: str, inputs: _Inputs, *, scale: float, name: str, densi
             raise NonFiniteInput(index)
         vectors.append((source - base) * weight)
     vectors = torch.stack(vectors)
-    dare = dict(drop_rate=drop_rate, seed=seed, tensor_name=tensor_name)
-    if method == "weight_average":
-        merged = elementwise.weight_average(vectors)
-    elif method == "dare_task_arithmetic":
-        merged = elementwise.dare_task_arithmetic(vectors, **dare)
-    elif method == "ties_merging":
+    if method == "ties_merging":
         merged = elementwise.ties_merging(vectors, density=density)
     elif method == "dare_ties_merging":
-        merged = elementwise.dare_ties_merging(vectors, density=density, **dare)
+        merged = elementwise.dare_ties_merging(vectors, density=density, drop_rate=drop_rate, seed=seed,
+                                               tensor_name=tensor_name)
     else:
         raise KeyError(method)
     result = base + scale * merged
