@@ -774,16 +774,7 @@ def _merge_dense(method: str, inputs: _Inputs, *, scale: float, name: str, densi
     """TIES (with DARE) on a small tensor in one piece (see :data:`DENSE_MAX`): the dense kernels on
     the stacked task vectors (the definition the streaming passes reproduce bit for bit), with the
     same input and result checks."""
-    base = inputs.base.to(inputs.dtype)
-    if not bool(torch.isfinite(base).all()):
-        raise NonFiniteInput(-1)
-    vectors = []
-    for index, (expert, weight) in enumerate(zip(inputs.experts, inputs.weights)):
-        source = expert.to(inputs.dtype)
-        if not bool(torch.isfinite(source).all()):
-            raise NonFiniteInput(index)
-        vectors.append((source - base) * weight)
-    vectors = torch.stack(vectors)
+    base, vectors = inputs.load(0, inputs.n)  # one chunk: the whole tensor, checked
     if method == "ties_merging":
         merged = elementwise.ties_merging(vectors, density=density)
     elif method == "dare_ties_merging":
