@@ -135,11 +135,13 @@ def _fused_kernels_status() -> str:
     import os
     import shutil
 
-    from mergekit_mllm.ops import fused
+    from mergekit_mllm.ops import fused, native
 
     try:
         mode = fused.mode()
         backend = fused.backend()
+        ties = ("TIES pass: one-loop C++ kernel, built once per machine (MERGEKIT_MLLM_NATIVE=0: inductor's)"
+                if native.enabled() else "TIES pass: inductor's (MERGEKIT_MLLM_NATIVE=0)")
     except ValueError as error:
         return f"invalid setting: {error}"
     if mode == "off":
@@ -151,7 +153,7 @@ def _fused_kernels_status() -> str:
     scope = "every CPU tensor" if mode == "on" else f"CPU tensors of >= {fused.MIN_ELEMENTS:,} entries"
     how = (f"ahead-of-time packages in {fused.cache_root()}" if backend == "aot"
            else "torch.compile in each process (MERGEKIT_MLLM_COMPILE_BACKEND=jit)")
-    return f"{mode}: {scope} (C++ compiler {compiler}; {how})"
+    return f"{mode}: {scope} (C++ compiler {compiler}; {how}; {ties})"
 
 
 @click.command("doctor")

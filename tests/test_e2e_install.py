@@ -132,7 +132,9 @@ def test_stock_mergekit_yaml_with_fused_kernels_equals_eager(fresh_env, qwen2_fa
     # "no compiler": an empty inductor cache and a C++ compiler that fails → one warning, eager result
     # (the default backend, ahead-of-time packages; the suite's other tests use torch.compile)
     fused = {"MERGEKIT_MLLM_COMPILE": "1", "MERGEKIT_MLLM_COMPILE_BACKEND": "aot"}
-    no_compiler = {**fused, "CXX": "/bin/false", "CC": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    # the TIES pass: the native kernel, required (the installed package holds its source and builds it)
+    fused["MERGEKIT_MLLM_NATIVE"] = "1"
+    no_compiler = {**fused, "MERGEKIT_MLLM_NATIVE": "auto", "CXX": "/bin/false", "CC": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     for mode, extra in (("fused", fused), ("eager", {"MERGEKIT_MLLM_COMPILE": "0"}), ("no_compiler", no_compiler)):
         out = tmp_path / f"out_{mode}"
         result = fresh_env.run([fresh_env.script("mergekit-yaml"), str(recipe), str(out)], env={**os.environ, **extra})

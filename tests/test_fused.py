@@ -14,19 +14,32 @@ import pytest
 import torch
 
 
-from mergekit_mllm.ops import fused, streaming
+from mergekit_mllm.ops import fused, native, streaming
 from test_streaming import NAME, dense, inputs
 from test_streaming import test_non_finite_input_is_named as check_non_finite_input_is_named
 
 
-@pytest.fixture
-def compiled(monkeypatch):
-    """Fused kernels on, a clean 'compile failed' state, and a record of the kernels called."""
+@pytest.fixture(params=["native", "inductor"])
+def compiled(request, monkeypatch):
+    """Fused kernels on, a clean 'compile failed' state, and a record of the kernels called. Every
+    test runs twice: the TIES pass by the native one-loop kernel (``ties`` recorded for each of its
+    calls too) and by the inductor kernel (``MERGEKIT_MLLM_NATIVE=0``)."""
     monkeypatch.setenv("MERGEKIT_MLLM_COMPILE", "1")
+    monkeypatch.setenv("MERGEKIT_MLLM_NATIVE", "auto" if request.param == "native" else "0")
     monkeypatch.setattr(fused, "_failed", None)
+    monkeypatch.setattr(native, "_failed", None)
     calls = []
     original = fused.kernel
     monkeypatch.setattr(fused, "kernel", lambda name: calls.append(name) or original(name))
+    original_native = native.kernel
+
+    def native_kernel(*args):
+        found = original_native(*args)
+        if found is None:
+            return None
+        return lambda *call_args: calls.append("ties") or found(*call_args)
+
+    monkeypatch.setattr(native, "kernel", native_kernel)
     return calls
 
 
@@ -58,6 +71,7 @@ CASES = [
     ("ties_merging", {"density": 1.0}, torch.float32, None),
     ("dare_task_arithmetic", {"drop_rate": 0.3, "seed": 4}, torch.float32, 37),
     ("dare_ties_merging", {"drop_rate": 0.3, "density": 0.2, "seed": 1}, torch.bfloat16, 37),
+    ("dare_ties_merging", {"drop_rate": 0.2, "density": 0.3, "seed": 2}, torch.float32, 1000),
 ]
 
 
@@ -375,7 +389,8 @@ def test_vector_isa_probe_runs_once_per_machine(monkeypatch, tmp_path):
 @pytest.fixture
 def aot(compiled, monkeypatch):
     """The ``aot`` backend (the suite runs ``jit``, see conftest.py) and a record of the packages
-    built in this test (packages of earlier runs are reused from the cache)."""
+    built in this test (packages of earlier runs are reused from the cache). Its tests run the
+    inductor TIES pass only (:data:`INDUCTOR_ONLY`): the native pass takes no package."""
     monkeypatch.setenv("MERGEKIT_MLLM_COMPILE_BACKEND", "aot")
     builds = []
     original = fused._AotKernel._build
@@ -388,12 +403,18 @@ def aot(compiled, monkeypatch):
     return builds
 
 
+#: the TIES pass by the inductor kernel only (``compiled``'s other parameter is the native pass)
+INDUCTOR_ONLY = pytest.mark.parametrize("compiled", ["inductor"], indirect=True)
+
+
+@INDUCTOR_ONLY
 @pytest.mark.parametrize("method,params,dtype,chunk", [CASES[0], CASES[4]])
 def test_aot_packages_equal_dense(compiled, aot, method, params, dtype, chunk):
     test_fused_equals_dense(compiled, method, params, dtype, chunk)
     assert all(isinstance(fused._kernels[f"aot:{name}"], fused._AotKernel) for name in compiled)
 
 
+@INDUCTOR_ONLY
 def test_aot_ties_fix_up_equals_dense(aot, retrimmed, monkeypatch):
     """The whole one-pass TIES with its fix-up (the sample's gather, the pass, the re-trim) through
     the packages: DARE+TIES with a sample small enough that the estimate misses."""
@@ -410,6 +431,7 @@ def test_aot_ties_fix_up_equals_dense(aot, retrimmed, monkeypatch):
                                rtol=0, atol=0)
 
 
+@INDUCTOR_ONLY
 def test_aot_kernel_reads_strided_arguments_as_their_values(aot):
     """A package indexes its inputs as exported (contiguous); a strided view (a column of a matrix,
     as the bracket's statistics once were) is passed as its values, not read past them."""
@@ -427,6 +449,7 @@ def test_aot_kernel_reads_strided_arguments_as_their_values(aot):
     assert torch.equal(got, want)
 
 
+@INDUCTOR_ONLY
 def test_aot_package_is_built_once_per_machine(aot, monkeypatch, tmp_path, capsys):
     """A variant's package is built once into the cache (no temporary left behind), reused by a
     later process, and the merging process then never imports dynamo or inductor; a damaged
@@ -508,8 +531,13 @@ def test_doctor_reports_how_the_kernels_are_compiled(monkeypatch, tmp_path):
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setenv("MERGEKIT_MLLM_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("MERGEKIT_MLLM_COMPILE_BACKEND", "aot")
-    assert _fused_kernels_status().endswith(f"; ahead-of-time packages in {tmp_path})")
+    monkeypatch.setenv("MERGEKIT_MLLM_NATIVE", "auto")
+    monkeypatch.setattr(native, "_failed", None)
+    native_ties = "; TIES pass: one-loop C++ kernel, built once per machine (MERGEKIT_MLLM_NATIVE=0: inductor's))"
+    assert _fused_kernels_status().endswith(f"; ahead-of-time packages in {tmp_path}{native_ties}")
     monkeypatch.setenv("MERGEKIT_MLLM_COMPILE_BACKEND", "jit")
-    assert _fused_kernels_status().endswith("; torch.compile in each process (MERGEKIT_MLLM_COMPILE_BACKEND=jit))")
+    monkeypatch.setenv("MERGEKIT_MLLM_NATIVE", "0")
+    assert _fused_kernels_status().endswith("; torch.compile in each process (MERGEKIT_MLLM_COMPILE_BACKEND=jit); "
+                                            "TIES pass: inductor's (MERGEKIT_MLLM_NATIVE=0))")
     monkeypatch.setenv("MERGEKIT_MLLM_COMPILE_BACKEND", "later")
     assert _fused_kernels_status().startswith("invalid setting: MERGEKIT_MLLM_COMPILE_BACKEND='later'")

@@ -56,7 +56,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from mergekit_mllm.ops import counter_rng, elementwise, fused
+from mergekit_mllm.ops import counter_rng, elementwise, fused, native
 
 #: TIES on tensors of at most this many entries runs in one piece through the dense kernels of
 #: :mod:`mergekit_mllm.ops.elementwise` (whose numbers the streaming passes reproduce): the
@@ -220,6 +220,7 @@ class _Fused:
         self.keep_divisor = torch.tensor(1.0 - rate, **f32)
         self.scale = torch.tensor(scale, **f32)
         self.scale_value = scale  # for the eager fix-up operations
+        self._native = None  # the native TIES pass (looked up on first use)
 
     def chunks(self):
         for start, stop in self.inputs.spans():
@@ -232,6 +233,50 @@ class _Fused:
         except Exception as error:  # compilation (no compiler, unsupported platform): eager from here on
             fused.disable(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
             raise _FusedUnavailable() from error
+
+    def native_ties(self):
+        """The native one-loop TIES pass (:mod:`native`) for these inputs, or None (the inductor kernel)."""
+        if self._native is None:
+            inputs = self.inputs
+            found = native.kernel(inputs.count, self.dare is not None, inputs.base.dtype,
+                                  [expert.dtype for expert in inputs.experts]) if inputs.base.device.type == "cpu" else None
+            self._native = found or False
+        return self._native or None
+
+    def ties_chunk(self, start: int, stop: int, args, arguments, out: torch.Tensor, counts: torch.Tensor,
+                   flagged: "_Growable", flag_words: List["_Growable"], name: str) -> int:
+        """The fused TIES pass over one chunk (see :func:`fused._ties_kernel`): writes ``out[start:stop]``,
+        adds the chunk's counts to ``counts`` (int64, 4N), appends its flagged entries' positions and
+        flag words to ``flagged`` and ``flag_words``; returns the chunk's Σ sign of the trimmed sums."""
+        native_pass = self.native_ties()
+        if native_pass is not None:
+            length = stop - start
+            positions = flagged.reserve(length)
+            words = [buffer.reserve(length) for buffer in flag_words]
+            found, signs, finite_inputs, finite_result = native_pass(
+                args[0], args[1], self.weights, args[3], int(self.drop), float(self.keep_divisor), arguments,
+                self.scale_value, out[start:stop], counts, start, positions, words)
+            for buffer in (flagged, *flag_words):
+                buffer.release(length - found)
+            if not finite_inputs:
+                self.inputs.load(start, stop, check=True)  # raises NonFiniteInput naming the model
+            if not finite_result:
+                raise FloatingPointError(name)
+            return signs
+        result, signs, words, counts_here, finite_inputs, finite_result = self.call(
+            "ties", *args, *arguments, self.scale, out.dtype)
+        self.check_inputs(finite_inputs, start, stop)
+        if not bool(finite_result):
+            raise FloatingPointError(name)
+        counts += counts_here.to(torch.int64)
+        any_flag = words[0] if len(words) == 1 else torch.stack(words).ne(0).any(dim=0)
+        here = any_flag.nonzero().squeeze(1)
+        if here.numel():
+            torch.add(here, start, out=flagged.reserve(here.numel()))
+            for word, buffer in zip(words, flag_words):
+                torch.index_select(word, 0, here, out=buffer.reserve(here.numel()))
+        out[start:stop].copy_(result)
+        return int(signs)
 
     def _gathers_fused(self) -> bool:
         """Whether the kernels that read at flat positions apply (DARE's counters stay below 2³¹)."""
@@ -330,6 +375,10 @@ class _Growable:
         view = self.buffer[self.size:end]
         self.size = end
         return view
+
+    def release(self, count: int) -> None:
+        """Give back the last ``count`` reserved entries (reserved but not written)."""
+        self.size -= count
 
     def extend(self, values: torch.Tensor) -> None:
         self.reserve(values.numel()).copy_(values)
@@ -634,20 +683,7 @@ def _ties_fused_pass(kernel: "_Fused", out, name, rank, keep_all, bracket: _Brac
     flagged = _Growable(capacity, torch.int64, device)
     flag_words = [_Growable(capacity, torch.int32, device) for _ in range(-(-inputs.count // fused.EXPERTS_PER_WORD))]
     for start, stop, args in kernel.chunks():
-        result, signs, words, counts_here, finite_inputs, finite_result = kernel.call(
-            "ties", *args, *arguments, kernel.scale, out.dtype)
-        kernel.check_inputs(finite_inputs, start, stop)
-        if not bool(finite_result):
-            raise FloatingPointError(name)
-        sign_total += int(signs)
-        counts += counts_here.to(torch.int64)
-        any_flag = words[0] if len(words) == 1 else torch.stack(words).ne(0).any(dim=0)
-        here = any_flag.nonzero().squeeze(1)
-        if here.numel():
-            torch.add(here, start, out=flagged.reserve(here.numel()))
-            for word, buffer in zip(words, flag_words):
-                torch.index_select(word, 0, here, out=buffer.reserve(here.numel()))
-        out[start:stop].copy_(result)
+        sign_total += kernel.ties_chunk(start, stop, args, arguments, out, counts, flagged, flag_words, name)
     counts = counts.view(inputs.count, 4)  # |τᵢ| < lower, < t̂, ≤ t̂, ≤ upper
     positions, words = flagged.values(), [buffer.values() for buffer in flag_words]
 
