@@ -40,7 +40,7 @@ from benchmarks.common import (
     timed,
     timed_with_peak_memory,
 )
-from mergekit_mllm.ops import closed_form, fused
+from mergekit_mllm.ops import closed_form, fused, native
 from mergekit_mllm.ops.interference import (
     _Gradient,
     _make_optimizer,
@@ -220,6 +220,7 @@ def remeasure_elementwise(device: torch.device, *, save_as: Optional[str] = None
         entry["elementwise_environment"]["load_average"] = os.getloadavg()
         entry["elementwise_environment"]["fused_min_elements"] = fused.MIN_ELEMENTS
         entry["elementwise_environment"]["compile_backend"] = fused.backend()
+        entry["elementwise_environment"]["ties_pass"] = "native" if native.enabled() else "inductor"
         del vectors, base
         gc.collect()
         save_json(name, data)

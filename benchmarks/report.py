@@ -191,7 +191,9 @@ def _elementwise_kernel(data: Dict[str, Any]) -> List[str]:
     if env:
         backend = {"aot": "ahead-of-time inductor packages", "jit": "torch.compile"}.get(
             env.get("compile_backend"), "torch.compile or ahead-of-time packages")
-        lines += ["", f"(element-wise rows re-timed with the streaming kernels, fused ({backend}) for tensors of "
+        ties = {"native": "; the TIES pass by the one-loop C++ kernel, `mergekit_mllm/ops/native_ties.cpp`",
+                "inductor": "; the TIES pass by inductor's kernel too"}.get(env.get("ties_pass"), "")
+        lines += ["", f"(element-wise rows re-timed with the streaming kernels, fused ({backend}{ties}) for tensors of "
                   f"≥ {env.get('fused_min_elements', 1 << 22):,} entries (`mergekit_mllm/ops/fused.py`, kernels built): torch threads "
                   f"{env.get('torch_threads')}, load average {', '.join(f'{x:.1f}' for x in env.get('load_average', []))}; "
                   "task_arithmetic is the faster of a run before and after the others)"]

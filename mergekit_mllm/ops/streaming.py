@@ -45,7 +45,9 @@ after a fused pass go through the same float32 operations as the eager chunks).
 
 On the CPU, large tensors run each pass as one fused inductor kernel
 (:mod:`mergekit_mllm.ops.fused`: ahead-of-time packages or ``torch.compile``, same
-expressions; eager fallback when compiling fails).
+expressions; eager fallback when compiling fails), except TIES's pass itself, which is one
+hand-written C++ loop (:mod:`mergekit_mllm.ops.native`: the same float32 operations; the
+inductor kernel where it does not apply or cannot be built).
 """
 
 from __future__ import annotations
