@@ -12,10 +12,11 @@ plus 1.4 ms for ``nonzero``; 3.9 ms against 6.1 ms without DARE.
 The per-entry operations are those of the inductor kernel, in the same order, compiled with
 ``-ffp-contract=off``: the results are bit-identical (``tests/test_fused.py`` runs the fused TIES
 tests with both). Each variant (number of experts, DARE on/off, bfloat16 or float32) is compiled
-once per machine with the C++ compiler inductor uses (``CXX``, else ``g++``; ≈1 s) and cached
-next to the inductor packages; if that fails, the inductor kernel is used (reported once).
-``MERGEKIT_MLLM_NATIVE=0`` turns it off (``1`` makes a failed build an error). torch's intra-op thread count splits a chunk into
-spans run on a thread pool (``ctypes`` releases the GIL).
+once per machine with the C++ compiler inductor uses (``CXX``, else ``g++``; ≈1 s) and cached in
+the packages' directory (:func:`fused.cache_root`, under ``native/``); if that fails, the inductor
+kernel is used (reported once). ``MERGEKIT_MLLM_NATIVE=0`` turns it off, ``1`` makes a failed
+build an error. With more than one torch intra-op thread a chunk is split into spans run on a
+thread pool (``ctypes`` releases the GIL).
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def _identity() -> str:
 def library_path(count: int, dare: bool, dtype: torch.dtype) -> Path:
     macros = [f"-DMM_EXPERTS={count}", f"-DMM_DARE={int(dare)}", f"-DMM_BF16={_DTYPES[dtype]}"]
     digest = hashlib.sha256((json.dumps(macros) + _identity()).encode()).hexdigest()[:24]
-    return fused.cache_root().parent / "native" / f"ties-{count}-{digest}.so"
+    return fused.cache_root() / "native" / f"ties-{count}-{digest}.so"
 
 
 def _load(count: int, dare: bool, dtype: torch.dtype) -> Optional["_TiesPass"]:
