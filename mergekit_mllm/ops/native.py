@@ -108,9 +108,13 @@ def _identity() -> str:
                        platform.machine(), flags])
 
 
+def _macros(count: int, dare: bool, dtype: torch.dtype) -> List[str]:
+    return [f"-DMM_EXPERTS={count}", f"-DMM_DARE={int(dare)}", f"-DMM_BF16={_DTYPES[dtype]}",
+            f"-DMM_PER_WORD={fused.EXPERTS_PER_WORD}"]
+
+
 def library_path(count: int, dare: bool, dtype: torch.dtype) -> Path:
-    macros = [f"-DMM_EXPERTS={count}", f"-DMM_DARE={int(dare)}", f"-DMM_BF16={_DTYPES[dtype]}"]
-    digest = hashlib.sha256((json.dumps(macros) + _identity()).encode()).hexdigest()[:24]
+    digest = hashlib.sha256((json.dumps(_macros(count, dare, dtype)) + _identity()).encode()).hexdigest()[:24]
     return fused.cache_root() / "native" / f"ties-{count}-{digest}.so"
 
 
@@ -133,8 +137,7 @@ def _load(count: int, dare: bool, dtype: torch.dtype) -> Optional["_TiesPass"]:
 def _build(count: int, dare: bool, dtype: torch.dtype, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    command = [_compiler(), *FLAGS, f"-DMM_EXPERTS={count}", f"-DMM_DARE={int(dare)}", f"-DMM_BF16={_DTYPES[dtype]}",
-               "-o", str(temporary), str(SOURCE)]
+    command = [_compiler(), *FLAGS, *_macros(count, dare, dtype), "-o", str(temporary), str(SOURCE)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
@@ -186,6 +189,15 @@ class _TiesPass:
         for tensor in tensors:
             if not tensor.is_contiguous() or tensor.device.type != "cpu":
                 raise ValueError("the native TIES kernel takes contiguous CPU tensors")
+        expected = {"values": self.dtype, "float32": torch.float32, "int32": torch.int32, "int64": torch.int64}
+        kinds = ([("values", t) for t in (base, *experts, out)] + [("float32", t) for t in (weights, *bracket)]
+                 + [("int64", counts), ("int64", flagged)] + [("int32", w) for w in words]
+                 + ([("int32", t) for t in keys[1:]] if keys is not None else []))
+        for kind, tensor in kinds:
+            if tensor.dtype != expected[kind]:
+                raise TypeError(f"the native TIES kernel for {self.dtype} got a {tensor.dtype} tensor ({kind})")
+        if len(experts) != self.count or len(words) != self.words or len(bracket) != 6:
+            raise ValueError("the native TIES kernel got another variant's arguments")
         expert_pointers = (ctypes.c_void_p * self.count)(*[e.data_ptr() for e in experts])
         word_pointers = (ctypes.c_void_p * self.words)(*[w.data_ptr() for w in words])
         lo, k1, k2 = (int(keys[0]), keys[1].data_ptr(), keys[2].data_ptr()) if keys is not None else (0, None, None)

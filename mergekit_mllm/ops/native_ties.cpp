@@ -9,6 +9,7 @@
 //   MM_EXPERTS  number of experts (1 ... 64)
 //   MM_DARE     1: DARE's keep test from the counter-based hash of mergekit_mllm.ops.counter_rng
 //   MM_BF16     1: bfloat16 inputs and output, 0: float32
+//   MM_PER_WORD experts per int32 flag word (fused.EXPERTS_PER_WORD)
 //
 // What the inductor kernel returns and streaming then did eagerly (the flagged entries' positions
 // by ``nonzero`` and their flag words by ``index_select``) is done here too: the flagged entries
@@ -26,11 +27,14 @@
 #ifndef MM_BF16
 #define MM_BF16 1
 #endif
+#ifndef MM_PER_WORD
+#error "MM_PER_WORD (fused.EXPERTS_PER_WORD) must be defined"
+#endif
 
 namespace {
 
 constexpr int N = MM_EXPERTS;
-constexpr int PER_WORD = 10;  // fused.EXPERTS_PER_WORD: 3 bits per expert above the "undecided" bit 0
+constexpr int PER_WORD = MM_PER_WORD;  // experts per flag word: 3 bits each above the "undecided" bit 0
 constexpr int W = (N + PER_WORD - 1) / PER_WORD;
 constexpr int64_t BLOCK = 256;  // entries whose flag words wait in a stack buffer before compaction
 
