@@ -133,3 +133,21 @@ def test_a_failed_build_is_an_error_where_the_native_kernel_is_required(fresh, m
     base, experts = inputs((90, 70), 3, torch.bfloat16, seed=2)
     with pytest.raises(RuntimeError, match="MERGEKIT_MLLM_NATIVE=1, but the native TIES kernel could not be built"):
         streaming.merge("ties_merging", base, experts, [1.0] * 3, scale=1.0, dtype=torch.float32, tensor_name=NAME)
+
+
+def test_the_pass_refuses_arguments_it_would_read_or_write_out_of_bounds(fresh):
+    base, experts, weights, keys, bracket = _pass_inputs(3, 4096, True)
+    ties_pass = native.kernel(3, True, torch.bfloat16, [e.dtype for e in experts])
+    out, counts = torch.empty_like(base), torch.zeros(12, dtype=torch.int64)
+    flagged, words = torch.empty(4096, dtype=torch.int64), [torch.empty(4096, dtype=torch.int32)]
+    arguments = (keys, 7, 0.7, bracket, 1.0)
+    with pytest.raises(ValueError, match="wrong lengths"):  # room for fewer flagged entries than entries
+        ties_pass(base, experts, weights, *arguments, out, counts, 0, flagged[:4000], words)
+    with pytest.raises(ValueError, match="wrong lengths"):  # an expert shorter than the base
+        ties_pass(base, [experts[0][:100], *experts[1:]], weights, *arguments, out, counts, 0, flagged, words)
+    with pytest.raises(TypeError, match="got a torch.float32 tensor"):
+        ties_pass(base.float(), experts, weights, *arguments, out, counts, 0, flagged, words)
+    with pytest.raises(ValueError, match="contiguous"):
+        strided = torch.empty(2 * 4096, dtype=torch.bfloat16)[::2]  # 4096 entries, every other one
+        ties_pass(base, experts, weights, *arguments, strided, counts, 0, flagged, words)
+    assert ties_pass(base, experts, weights, *arguments, out, counts, 0, flagged, words)[0] > 0

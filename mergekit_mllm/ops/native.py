@@ -198,6 +198,10 @@ class _TiesPass:
                 raise TypeError(f"the native TIES kernel for {self.dtype} got a {tensor.dtype} tensor ({kind})")
         if len(experts) != self.count or len(words) != self.words or len(bracket) != 6:
             raise ValueError("the native TIES kernel got another variant's arguments")
+        if (any(t.numel() != length for t in (*experts, out)) or counts.numel() != 4 * self.count
+                or any(t.numel() != self.count for t in (weights, *bracket))
+                or any(t.numel() < length for t in (flagged, *words))):
+            raise ValueError("the native TIES kernel got arguments of the wrong lengths")
         expert_pointers = (ctypes.c_void_p * self.count)(*[e.data_ptr() for e in experts])
         word_pointers = (ctypes.c_void_p * self.words)(*[w.data_ptr() for w in words])
         lo, k1, k2 = (int(keys[0]), keys[1].data_ptr(), keys[2].data_ptr()) if keys is not None else (0, None, None)
