@@ -63,15 +63,20 @@ _kernels: Dict[str, Callable] = {}
 _failed: Optional[str] = None
 
 
-def mode() -> str:
-    value = os.environ.get("MERGEKIT_MLLM_COMPILE", "auto").strip().lower()
+def switch(variable: str) -> str:
+    """An ``auto``/``1``/``0`` environment switch (default ``auto``): "auto", "on" or "off"."""
+    value = os.environ.get(variable, "auto").strip().lower()
     if value in ("0", "false", "off", "no", "never"):
         return "off"
     if value in ("1", "true", "on", "yes", "always"):
         return "on"
     if value in ("", "auto"):
         return "auto"
-    raise ValueError(f"MERGEKIT_MLLM_COMPILE={value!r}: use auto, 1 or 0")
+    raise ValueError(f"{variable}={value!r}: use auto, 1 or 0")
+
+
+def mode() -> str:
+    return switch("MERGEKIT_MLLM_COMPILE")
 
 
 def wanted(numel: int, device: torch.device, dtype: torch.dtype) -> bool:
@@ -376,20 +381,29 @@ def _machine_identity() -> str:
     compiler. Computed once per process."""
     global _identity
     if _identity is None:
-        flags = ""
-        try:
-            with open("/proc/cpuinfo") as handle:
-                flags = next((line for line in handle if line.startswith("flags")), "")
-        except OSError:
-            flags = platform.processor()
-        compiler = os.environ.get("CXX") or "g++"
-        located = os.path.realpath(shutil.which(compiler) or compiler)
         sources = [Path(__file__).read_bytes(), Path(counter_rng.__file__).read_bytes()]
-        identity = [torch.__version__, platform.machine(), flags, compiler, located,
-                    os.stat(located).st_mtime_ns if os.path.exists(located) else None,
-                    [hashlib.sha256(source).hexdigest() for source in sources]]
-        _identity = json.dumps(identity)
+        _identity = json.dumps([torch.__version__, *toolchain(), [hashlib.sha256(source).hexdigest()
+                                                                   for source in sources]])
     return _identity
+
+
+def compiler() -> str:
+    """The C++ compiler the packages and the native kernel are keyed by: ``CXX``, else ``g++``."""
+    return os.environ.get("CXX") or "g++"
+
+
+def toolchain() -> list:
+    """What a compiled kernel depends on besides its source: the machine, the CPU's instruction-set
+    flags (kernels are built for the host's ISA) and the C++ compiler (name, path, modification time)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line for line in handle if line.startswith("flags")), "")
+    except OSError:
+        flags = platform.processor()
+    located = os.path.realpath(shutil.which(compiler()) or compiler())
+    return [platform.machine(), flags, compiler(), located,
+            os.stat(located).st_mtime_ns if os.path.exists(located) else None]
 
 
 def _flatten(args):

@@ -25,8 +25,6 @@ import ctypes
 import hashlib
 import json
 import os
-import platform
-import shutil
 import subprocess
 import sys
 import threading
@@ -55,14 +53,7 @@ _pool: Optional[ThreadPoolExecutor] = None
 def mode() -> str:
     """``MERGEKIT_MLLM_NATIVE``: ``auto`` (default: native where it applies and builds, else the
     inductor kernel), ``1`` (required: a failed build is an error) or ``0`` (never)."""
-    value = os.environ.get("MERGEKIT_MLLM_NATIVE", "auto").strip().lower()
-    if value in ("0", "false", "off", "no", "never"):
-        return "off"
-    if value in ("1", "true", "on", "yes", "always"):
-        return "on"
-    if value in ("", "auto"):
-        return "auto"
-    raise ValueError(f"MERGEKIT_MLLM_NATIVE={value!r}: use auto, 1 or 0")
+    return fused.switch("MERGEKIT_MLLM_NATIVE")
 
 
 def enabled() -> bool:
@@ -90,22 +81,9 @@ def kernel(count: int, dare: bool, dtype: torch.dtype, experts_dtypes: Sequence[
     return _libraries[key]
 
 
-def _compiler() -> str:
-    return os.environ.get("CXX") or "g++"
-
-
 def _identity() -> str:
-    """What a library depends on besides its variant: the source, the compiler, its flags and the CPU."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = next((line for line in handle if line.startswith("flags")), "")
-    except OSError:
-        flags = platform.processor()
-    located = os.path.realpath(shutil.which(_compiler()) or _compiler())
-    return json.dumps([hashlib.sha256(SOURCE.read_bytes()).hexdigest(), _compiler(), located,
-                       os.stat(located).st_mtime_ns if os.path.exists(located) else None, FLAGS,
-                       platform.machine(), flags])
+    """What a library depends on besides its variant: the source, the compiler flags and the toolchain."""
+    return json.dumps([hashlib.sha256(SOURCE.read_bytes()).hexdigest(), FLAGS, *fused.toolchain()])
 
 
 def _macros(count: int, dare: bool, dtype: torch.dtype) -> List[str]:
@@ -137,7 +115,7 @@ def _load(count: int, dare: bool, dtype: torch.dtype) -> Optional["_TiesPass"]:
 def _build(count: int, dare: bool, dtype: torch.dtype, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    command = [_compiler(), *FLAGS, *_macros(count, dare, dtype), "-o", str(temporary), str(SOURCE)]
+    command = [fused.compiler(), *FLAGS, *_macros(count, dare, dtype), "-o", str(temporary), str(SOURCE)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
