@@ -29,6 +29,10 @@ def main(argv=None) -> int:
         "--experts", type=str, default=None, help="comma-separated N for the kernel sweep (default: 2..8, CPU: 2,5,8 on the 18944 shapes)"
     )
     parser.add_argument(
+        "--shapes", type=str, default=None,
+        help="kernels: comma-separated shapes to measure, as ROWSxCOLS (e.g. 3584x3584); default: all four",
+    )
+    parser.add_argument(
         "--methods", type=str, default=None,
         help="merge: comma-separated methods; only the default runs of these (on the streaming checkpoint unless --matrix)",
     )
@@ -50,9 +54,15 @@ def main(argv=None) -> int:
         from benchmarks import kernels
 
         plan = None
-        if args.experts:
-            counts = [int(x) for x in args.experts.split(",")]
-            plan = [(label, shape, n) for label, shape in kernels.SHAPES.items() for n in counts]
+        if args.experts or args.shapes:
+            try:
+                plan = kernels.select_plan(
+                    device,
+                    experts=[int(x) for x in args.experts.split(",")] if args.experts else None,
+                    shapes=args.shapes.split(",") if args.shapes else None,
+                )
+            except ValueError as error:
+                parser.error(str(error))
         if args.elementwise_only:
             kernels.remeasure_elementwise(device)
         else:

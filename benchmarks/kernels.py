@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -83,6 +84,30 @@ def default_plan(device: torch.device, quick: bool = False) -> List[Tuple[str, T
     # The headline figure first, then N = 5 everywhere (the whole-model estimate).
     target_experts = TARGET[1]
     return sorted(plan, key=lambda item: ((item[1], item[2]) != TARGET, item[2] != target_experts))
+
+
+def select_plan(
+    device: torch.device, experts: Optional[Sequence[int]] = None, shapes: Optional[Sequence[str]] = None
+) -> List[Tuple[str, Tuple[int, int], int]]:
+    """The plan for ``--experts`` / ``--shapes``: the given N (default: the device's default
+    counts per shape) on the given shapes (``ROWSxCOLS``; default: all four)."""
+    wanted = None
+    if shapes is not None:
+        known = {f"{rows}x{cols}": (rows, cols) for rows, cols in SHAPES.values()}
+        unknown = [s for s in shapes if s.strip().lower().replace("×", "x") not in known]
+        if unknown:
+            raise ValueError(f"--shapes: unknown shape(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        wanted = {known[s.strip().lower().replace("×", "x")] for s in shapes}
+    if experts is not None and any(n < 1 for n in experts):
+        raise ValueError(f"--experts: every N must be at least 1, got {list(experts)}")
+    defaults = default_plan(device)
+    plan = []
+    for label, shape in SHAPES.items():
+        if wanted is not None and shape not in wanted:
+            continue
+        counts = experts if experts is not None else [n for _, s, n in defaults if s == shape]
+        plan.extend((label, shape, n) for n in counts)
+    return plan
 
 
 def make_task_vectors(shape: Tuple[int, int], experts: int, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -357,7 +382,9 @@ def run(
     for label, shape, experts in plan:
         if (tuple(shape), experts) in done:
             continue
-        entry = {"label": label, "shape": list(shape), "experts": experts, "load_average_before": os.getloadavg()}
+        entry = {"label": label, "shape": list(shape), "experts": experts, "load_average_before": os.getloadavg(),
+                 # entries of resumed runs come from several processes: say which one measured this one
+                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch_threads": torch.get_num_threads()}
         entry["results"] = measure(shape, experts, device, throughput=throughput, budget=budget, log=log)
         entry["load_average_after"] = os.getloadavg()
         data["entries"].append(entry)

@@ -233,3 +233,16 @@ def test_repeated_merges_run_in_rounds_and_the_report_keeps_the_fastest(monkeypa
     assert "measured in 3 interleaved rounds" in text
     assert "| task_arithmetic | 9.0 s | 1.0× | 1.00 GiB | yes | 3.00 GiB | 0 | 10.0 s, 9.0 s, 11.0 s |" in text
     assert "| ties_merging | 12.0 s | 1.3× | 2.00 GiB | yes | 3.00 GiB | 0 | 13.0 s, 12.5 s, 12.0 s |" in text
+
+
+def test_plan_selection_by_shape_and_experts():
+    cpu = torch.device("cpu")
+    plan = kernels.select_plan(cpu, experts=[3, 4], shapes=["3584x3584"])
+    assert plan == [("q_proj, o_proj", (3584, 3584), 3), ("q_proj, o_proj", (3584, 3584), 4)]
+    # shapes alone keep the device's default counts; experts alone cover every shape
+    assert sorted(n for _, _, n in kernels.select_plan(cpu, shapes=["18944×3584"])) == list(kernels.CPU_LARGE_EXPERTS)
+    assert {s for _, s, _ in kernels.select_plan(cpu, experts=[2])} == set(kernels.SHAPES.values())
+    with pytest.raises(ValueError, match="unknown shape.*100x7"):
+        kernels.select_plan(cpu, shapes=["100x7"])
+    with pytest.raises(ValueError, match="--experts"):
+        kernels.select_plan(cpu, experts=[0])
