@@ -412,3 +412,29 @@ def test_expert_anchor_pulls_the_weights_back_to_the_base(smoke_family):
     free, anchored, pinned = task_vector_norm(0.0), task_vector_norm(20.0), task_vector_norm(1e6)
     assert pinned == 0.0
     assert 0.0 < anchored < 0.9 * free
+
+
+def test_design_probe_scores_models_and_merges(smoke_family, capsys):
+    """``python -m eval_suite.synth.probe``: one line per candidate with its five task scores,
+    threads restored, nothing left behind; bad arguments fail before anything is loaded."""
+    import torch
+
+    from eval_suite.synth import probe
+
+    out, _ = smoke_family
+    threads = torch.get_num_threads()
+    assert probe.main([str(out), "--limit", "4", "--models", "base,ocr", "--merges", "task_arithmetic:0.5",
+                       "--scale", "ocr", "--alphas", "0,1", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if "avg=" in line]
+    assert [row.split()[0] for row in rows] == ["base", "ocr", "task_arithmetic:0.5"]
+    assert all(row.count("=") == 6 for row in rows)
+    assert sum(line.startswith("base + ") for line in lines) == 2
+    assert torch.get_num_threads() == threads
+    for argv, message in (([str(out), "--models", "base,nope"], "unknown model"),
+                          ([str(out), "--merges", "tie:0.3"], "unknown method 'tie'"),
+                          ([str(out), "--merges", "task_arithmetic"], "is not METHOD:LAMBDA"),
+                          ([str(out / "missing")], "not a built family")):
+        with pytest.raises(SystemExit):
+            probe.main(argv)
+        assert message in capsys.readouterr().err
