@@ -146,10 +146,12 @@ def _fused_kernels_status() -> str:
         return f"invalid setting: {error}"
     if mode == "off":
         return "off (MERGEKIT_MLLM_COMPILE=0)"
-    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
-    compiler = next((shutil.which(c) for c in candidates if shutil.which(c)), None)
+    # the compiler inductor and the native build call (CXX, else g++): another one on PATH would not be used
+    wanted = fused.compiler()
+    compiler = shutil.which(wanted)
     if compiler is None:
-        return f"{mode}, but no C++ compiler found ({', '.join(candidates)}): element-wise methods run eagerly"
+        return (f"{mode}, but the C++ compiler {wanted!r} ({'CXX' if os.environ.get('CXX') else 'set CXX to use another'}) "
+                "was not found: element-wise methods run eagerly")
     scope = "every CPU tensor" if mode == "on" else f"CPU tensors of >= {fused.MIN_ELEMENTS:,} entries"
     how = (f"ahead-of-time packages in {fused.cache_root()}" if backend == "aot"
            else "torch.compile in each process (MERGEKIT_MLLM_COMPILE_BACKEND=jit)")

@@ -62,7 +62,7 @@ def test_doctor_reports_active_hook(fresh_env):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["hook_active"] and not report["methods_missing"] and report["hook_error"] is None
-    assert report["fused_kernels"].startswith(("auto: CPU tensors of >= 262,144 entries", "auto, but no C++ compiler"))
+    assert report["fused_kernels"].startswith(("auto: CPU tensors of >= 262,144 entries", "auto, but the C++ compiler"))
 
 
 def _expected(method, base, experts):

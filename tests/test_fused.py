@@ -525,8 +525,8 @@ def test_doctor_reports_how_the_kernels_are_compiled(monkeypatch, tmp_path):
 
     from mergekit_mllm.cli import _fused_kernels_status
 
-    if shutil_module.which("g++") is None and shutil_module.which("c++") is None:
-        pytest.skip("no C++ compiler on this machine")
+    if shutil_module.which("g++") is None:
+        pytest.skip("no g++ on this machine")
     monkeypatch.delenv("MERGEKIT_MLLM_COMPILE", raising=False)
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setenv("MERGEKIT_MLLM_KERNEL_CACHE", str(tmp_path))
@@ -541,3 +541,10 @@ def test_doctor_reports_how_the_kernels_are_compiled(monkeypatch, tmp_path):
                                             "TIES pass: inductor's (MERGEKIT_MLLM_NATIVE=0))")
     monkeypatch.setenv("MERGEKIT_MLLM_COMPILE_BACKEND", "later")
     assert _fused_kernels_status().startswith("invalid setting: MERGEKIT_MLLM_COMPILE_BACKEND='later'")
+    monkeypatch.setenv("MERGEKIT_MLLM_COMPILE_BACKEND", "aot")
+    # the compiler the kernels are built with (CXX), not any other one on PATH
+    monkeypatch.setenv("CXX", "no-such-c++")
+    assert _fused_kernels_status() == ("auto, but the C++ compiler 'no-such-c++' (CXX) was not found: "
+                                       "element-wise methods run eagerly")
+    monkeypatch.setenv("CXX", "g++")
+    assert f"(C++ compiler {shutil_module.which('g++')};" in _fused_kernels_status()

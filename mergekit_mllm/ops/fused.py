@@ -277,7 +277,7 @@ def remember_vector_isa_probe() -> Optional[bool]:
     now, None when not applicable (not x86, already configured, or anything failed: then
     inductor probes as usual)."""
     try:
-        from torch._inductor import config, cpp_builder, cpu_vec_isa
+        from torch._inductor import config, cpu_vec_isa
         from torch._inductor.runtime.cache_dir_utils import cache_dir
 
         if config.cpp.vec_isa_ok is not None or platform.machine() not in ("x86_64", "AMD64"):
@@ -285,10 +285,9 @@ def remember_vector_isa_probe() -> Optional[bool]:
         flags = cpu_vec_isa.x86_isa_checker()
         reported = [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list
                     if all(flag in flags for flag in str(isa).split())]
-        compiler = cpp_builder.get_cpp_compiler()
-        located = os.path.realpath(shutil.which(compiler) or compiler)
-        identity = [torch.__version__, reported, compiler, located,
-                    os.stat(located).st_mtime_ns if os.path.exists(located) else None]
+        # the compiler as toolchain() names it (inductor's own choice on Linux: CXX, else g++)
+        identity = [torch.__version__, reported, *toolchain()[2:]]
+        located = identity[3]
         digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:20]
         marker = Path(cache_dir()) / "mergekit_mllm" / f"vec_isa_ok-{digest}.json"
         if marker.exists():
