@@ -246,3 +246,14 @@ def test_plan_selection_by_shape_and_experts():
         kernels.select_plan(cpu, shapes=["100x7"])
     with pytest.raises(ValueError, match="--experts"):
         kernels.select_plan(cpu, experts=[0])
+
+
+def test_kernels_command_refuses_bad_plans_before_measuring(capsys):
+    from benchmarks.__main__ import main
+
+    for argv, message in ((["--experts", "3,x"], "is not a comma-separated list of integers"),
+                          (["--shapes", "3584x3585"], "unknown shape(s) 3584x3585"),
+                          (["--experts", "0"], "every N must be at least 1")):
+        with pytest.raises(SystemExit) as raised:
+            main(["kernels", "--device", "cpu", "--no-report", *argv])
+        assert raised.value.code == 2 and message in capsys.readouterr().err
