@@ -260,8 +260,7 @@ class _Fused:
                 self.scale_value, out[start:stop], counts, start, positions, words)
             for buffer in (flagged, *flag_words):
                 buffer.release(length - found)
-            if not finite_inputs:
-                self.inputs.load(start, stop, check=True)  # raises NonFiniteInput naming the model
+            self.check_inputs(finite_inputs, start, stop)
             if not finite_result:
                 raise FloatingPointError(name)
             return signs
@@ -312,7 +311,8 @@ class _Fused:
         result = result.to(out_dtype)
         return result, signs, (total == 0) & (count > 0), torch.isfinite(result).all()
 
-    def check_inputs(self, finite: torch.Tensor, start: int, stop: int) -> None:
+    def check_inputs(self, finite, start: int, stop: int) -> None:
+        """``finite``: the kernel's all-inputs-finite flag (a tensor, or a bool from the native pass)."""
         if not bool(finite):
             self.inputs.load(start, stop, check=True)  # raises NonFiniteInput naming the model
 
